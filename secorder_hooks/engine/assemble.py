@@ -1,0 +1,151 @@
+r"""Turning per-call rule results into per-parameter quantities.
+
+A parameter may receive contributions from several calls (a module called in a loop)
+or several modules (weights shared between modules). Per-example gradients are summed
+over all of them *before* squaring; the rules' closed-form reductions are used only for
+parameters with a single contribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from secorder_hooks.engine.records import CallRecord
+from secorder_hooks.errors import ExtensionError
+from secorder_hooks.quantities import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from secorder_hooks.rules.base import LayerRule, rule_for, trainable_parameters
+
+if TYPE_CHECKING:
+    from secorder_hooks.engine.session import Session
+
+__all__ = ["Contributions", "ColumnResults", "assemble_first_order"]
+
+
+@dataclass
+class Contributions:
+    """Which recorded calls contribute to which trainable parameter.
+
+    Attributes:
+        by_param: Parameter id -> list of ``(record, name of the parameter in record.module)``.
+        rules: The rule of every contributing module.
+    """
+
+    by_param: dict[int, list[tuple[CallRecord, str]]] = field(default_factory=dict)
+    rules: dict[nn.Module, LayerRule] = field(default_factory=dict)
+
+    @classmethod
+    def collect(cls, session: Session) -> Contributions:
+        """Group the calls reached by the last ordinary backward pass by parameter."""
+        result = cls()
+        for rec in session.records:
+            if not rec.reached:
+                continue
+            if rec.module not in result.rules:
+                result.rules[rec.module] = rule_for(rec.module)
+            for name, p in trainable_parameters(rec.module).items():
+                result.by_param.setdefault(id(p), []).append((rec, name))
+        return result
+
+
+class ColumnResults:
+    """Lazily computed, cached rule results for ``V`` vectors at each call's output.
+
+    Args:
+        contributions: The contributing calls.
+        grad_outputs: ``record -> [V, N, *out]`` vectors at the output of the call.
+        weights: Optional ``[V, N]`` weights of the vectors.
+    """
+
+    def __init__(
+        self,
+        contributions: Contributions,
+        grad_outputs: Callable[[CallRecord], Tensor | tuple[Tensor, ...]],
+        weights: Tensor | None = None,
+    ) -> None:
+        self.contributions = contributions
+        self.grad_outputs = grad_outputs
+        self.weights = weights
+        self._cache: dict[tuple[int, str, bool], dict[str, Tensor]] = {}
+
+    def _call(self, rec: CallRecord, method: str, per_example: bool = False) -> dict[str, Tensor]:
+        key = (id(rec), method, per_example)
+        if key not in self._cache:
+            rule = self.contributions.rules[rec.module]
+            g = self.grad_outputs(rec)
+            if method == "per_example_grads":
+                out = rule.per_example_grads(rec.module, rec.inputs, g)
+            elif method == "squared_norms":
+                out = rule.squared_norms(rec.module, rec.inputs, g)
+            else:
+                out = rule.weighted_squared_sum(rec.module, rec.inputs, g, self.weights, per_example)
+            self._cache[key] = out
+        return self._cache[key]
+
+    def per_example_grads(self, parts: Sequence[tuple[CallRecord, str]]) -> Tensor:
+        """``[V, N, *p]``: per-example gradients summed over all contributing calls."""
+        total = None
+        for rec, name in parts:
+            g = self._call(rec, "per_example_grads")[name]
+            if total is not None and total.shape != g.shape:
+                raise ExtensionError(
+                    f"module '{rec.name}' was called with different batch sizes in one forward pass "
+                    f"({total.shape[1]} and {g.shape[1]}); per-example quantities need one batch size."
+                )
+            total = g if total is None else total + g
+        assert total is not None
+        return total
+
+    def weighted_squared_sum(self, parts: Sequence[tuple[CallRecord, str]], per_example: bool) -> Tensor:
+        r""":math:`\sum_v w_{vn} (g^{(v)}_n)^2`, summed over ``n`` unless ``per_example``."""
+        if len(parts) == 1:
+            rec, name = parts[0]
+            return self._call(rec, "weighted_squared_sum", per_example)[name]
+        squared = self.per_example_grads(parts).square()
+        if self.weights is not None:
+            squared = squared * self.weights.reshape(*self.weights.shape, *([1] * (squared.dim() - 2)))
+        return squared.sum(0) if per_example else squared.sum((0, 1))
+
+    def squared_norms(self, parts: Sequence[tuple[CallRecord, str]]) -> Tensor:
+        """``[V, N]`` squared norm of each per-example gradient."""
+        if len(parts) == 1:
+            rec, name = parts[0]
+            return self._call(rec, "squared_norms")[name]
+        return self.per_example_grads(parts).flatten(2).square().sum(-1)
+
+
+def assemble_first_order(session: Session, contributions: Contributions, param_grads: dict[int, Tensor]) -> None:
+    """Attach the requested first-order quantities to every contributing parameter.
+
+    Args:
+        session: The active session (quantities, parameters).
+        contributions: The contributing calls, with gradients captured in the backward pass.
+        param_grads: Parameter id -> gradient of this backward pass.
+    """
+    wanted = {type(q) for q in session.quantities}
+    if not wanted & {BatchGrad, SumGradSquared, BatchL2Grad, Variance}:
+        return
+    results = ColumnResults(contributions, CallRecord.grad_output)
+    for key, parts in contributions.by_param.items():
+        p = session.params[key]
+        if BatchGrad in wanted:
+            batch = results.per_example_grads(parts)[0]
+            p.grad_batch = batch
+            sum_sq, l2 = batch.square().sum(0), batch.flatten(1).square().sum(1)
+        else:
+            sum_sq = results.weighted_squared_sum(parts, per_example=False) if wanted & {SumGradSquared, Variance} else None
+            l2 = results.squared_norms(parts)[0] if BatchL2Grad in wanted else None
+        if SumGradSquared in wanted:
+            p.sum_grad_squared = sum_sq
+        if BatchL2Grad in wanted:
+            p.batch_l2 = l2
+        if Variance in wanted:
+            n = _batch_size(parts)
+            p.variance = (sum_sq / n - (param_grads[key] / n).square()).clamp_(min=0)
+
+
+def _batch_size(parts: Sequence[tuple[CallRecord, str]]) -> int:
+    return parts[0][0].output_shapes[0][0]

@@ -1,0 +1,119 @@
+"""The engine's backward pass: what ``loss.backward()`` does inside ``extend()``.
+
+1. Before the ordinary backward, curvature quantities plan their column passes
+   (:mod:`secorder_hooks.engine.curvature`), which needs the graph intact.
+2. The ordinary backward runs (``.grad`` as usual); hooks capture the gradient at every
+   recorded module output and at every trainable parameter.
+3. Checks that every parameter gradient came through recorded module calls.
+4. First-order quantities are assembled from the captured output gradients; curvature
+   quantities run their column passes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from secorder_hooks.engine.assemble import Contributions, assemble_first_order
+from secorder_hooks.engine.graph import reached_parameters
+from secorder_hooks.errors import ExtensionError
+from secorder_hooks.quantities import Order
+
+if TYPE_CHECKING:
+    from secorder_hooks.engine.session import Session
+
+__all__ = ["run_backward"]
+
+
+def run_backward(
+    session: Session,
+    loss: Tensor,
+    gradient: Tensor | None,
+    retain_graph: bool | None,
+    create_graph: bool,
+    inputs: Any,
+) -> None:
+    """Run ``loss.backward(...)`` and compute the session's quantities."""
+    from secorder_hooks.engine.curvature import CurvaturePlan
+
+    if retain_graph is None:
+        retain_graph = create_graph
+    params = session.params
+    if len(session.records) == 0:
+        reached = reached_parameters(loss.grad_fn, set(params))
+        if reached:
+            raise ExtensionError(
+                f"loss.backward() inside extend() reaches parameter '{session.param_names[id(reached[0])]}', "
+                "but no forward pass of the model was recorded since the last backward. Run the forward pass "
+                "inside the `with extend(...)` block, before each backward."
+            )
+        torch.autograd.backward(loss, gradient, retain_graph, create_graph, inputs=inputs)
+        return
+
+    second_order = [q for q in session.quantities if q.order is Order.SECOND]
+    plan = CurvaturePlan.build(session, loss) if second_order else None
+    for p in params.values():
+        for q in session.quantities:
+            if hasattr(p, q.attribute):
+                delattr(p, q.attribute)
+
+    param_grads: dict[int, Tensor] = {}
+    handles = [p.register_hook(_store_into(param_grads, key)) for key, p in params.items()]
+    misuse_fired: list[str] = []
+    handles += [node.register_prehook(_flag(misuse_fired, name)) for name, node in _misuse_nodes(session)]
+    if plan is not None:
+        handles += plan.register_capture_hooks()
+    session.records.capturing = True
+    try:
+        torch.autograd.backward(
+            loss, gradient, retain_graph=retain_graph or plan is not None, create_graph=create_graph, inputs=inputs
+        )
+    finally:
+        session.records.capturing = False
+        for handle in handles:
+            handle.remove()
+
+    if misuse_fired:
+        raise ExtensionError(
+            f"parameter '{misuse_fired[0]}' contributes to the loss through an operation outside the forward of "
+            "the module that owns it (e.g. a weight tied through a functional call in a parent module, or a "
+            "penalty term added to the loss). Per-example quantities of it would be wrong. Use the weight only "
+            "inside its module, or add the penalty's gradient after leaving extend()."
+        )
+    contributions = Contributions.collect(session)
+    missing = [k for k in param_grads if k not in contributions.by_param]
+    if missing:
+        raise ExtensionError(
+            f"parameter '{session.param_names[missing[0]]}' received a gradient, but no recorded call of its "
+            "module did: the forward pass that built this graph ran outside the `with extend(...)` block. "
+            "Run the forward pass inside it."
+        )
+    session.records.paused = True
+    try:
+        assemble_first_order(session, contributions, param_grads)
+        if plan is not None:
+            plan.run(contributions)
+    finally:
+        session.records.paused = False
+        if not retain_graph:
+            session.reset_pass()
+
+
+def _store_into(store: dict[int, Tensor], key: int):
+    def hook(grad: Tensor) -> None:
+        store[key] = grad if key not in store else store[key] + grad
+
+    return hook
+
+
+def _flag(fired: list[str], name: str):
+    def hook(grad_outputs: tuple[Tensor, ...]) -> None:
+        fired.append(name)
+
+    return hook
+
+
+def _misuse_nodes(session: Session):
+    return [(name, result.grad_fn) for name, result in session.misused if result.grad_fn is not None]

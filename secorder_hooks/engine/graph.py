@@ -1,0 +1,49 @@
+"""Traversals of the autograd graph."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+from torch.autograd.graph import Node
+
+__all__ = ["iter_nodes", "leaf_variable", "reached_parameters", "children"]
+
+
+def children(node: Node) -> Iterator[Node]:
+    """The nodes ``node`` passes gradients to (its differentiable inputs)."""
+    for child, _ in node.next_functions:
+        if child is not None:
+            yield child
+
+
+def iter_nodes(root: Node | None, stop: set[Node] | None = None) -> Iterator[Node]:
+    """Every node reachable from ``root`` (each once), not descending below ``stop``."""
+    if root is None:
+        return
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        if stop is not None and node in stop:
+            continue
+        for child in children(node):
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+
+
+def leaf_variable(node: Node) -> Tensor | None:
+    """The leaf tensor of an ``AccumulateGrad`` node, else ``None``."""
+    return getattr(node, "variable", None)
+
+
+def reached_parameters(root: Node | None, parameter_ids: set[int]) -> list[Tensor]:
+    """The tensors among ``parameter_ids`` whose gradient a backward from ``root`` accumulates."""
+    found = []
+    for node in iter_nodes(root):
+        var = leaf_variable(node)
+        if var is not None and id(var) in parameter_ids:
+            found.append(var)
+    return found

@@ -1,0 +1,46 @@
+"""The torch-function mode through which the engine sees the forward and the backward.
+
+While an :func:`~secorder_hooks.extend` context is active, :class:`EngineMode` is pushed
+as a :class:`torch.overrides.TorchFunctionMode`. It
+
+* routes ``Tensor.backward`` to the engine, so a plain ``loss.backward()`` computes the
+  requested quantities,
+* records every call of a standard loss function (:mod:`secorder_hooks.losses.calls`),
+* notes any trainable parameter that enters a differentiable operation while none of
+  the modules owning it is executing (weights used outside their module, penalty terms),
+  which per-example rules cannot see.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from secorder_hooks.losses.calls import LOSS_FUNCTIONS, make_loss_call
+
+if TYPE_CHECKING:
+    from secorder_hooks.engine.session import Session
+
+__all__ = ["EngineMode"]
+
+
+class EngineMode(TorchFunctionMode):
+    """Intercepts ``Tensor.backward``, loss functions and parameter uses for a session."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is Tensor.backward:
+            return self.session.backward(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if func in LOSS_FUNCTIONS:
+            self.session.loss_calls.append(make_loss_call(func, args, kwargs, result))
+        elif isinstance(result, Tensor) and result.requires_grad and torch.is_grad_enabled():
+            self.session.check_parameter_use(args, kwargs, result)
+        return result

@@ -1,0 +1,28 @@
+"""Options of the engine that trade memory for speed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EngineOptions"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options of :func:`~secorder_hooks.extend`.
+
+    Attributes:
+        column_chunk_size: Curvature quantities backpropagate ``V`` columns per example
+            (``C`` loss-Hessian square-root columns for a ``C``-class output, one column
+            per activation element for Hessian residuals). Peak memory grows linearly with
+            the number of columns processed at once; this bounds it, at the price of one
+            vectorized backward per chunk. ``None`` processes all columns at once.
+    """
+
+    column_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.column_chunk_size is not None and (
+            not isinstance(self.column_chunk_size, int) or self.column_chunk_size < 1
+        ):
+            raise ValueError(f"column_chunk_size must be a positive int or None, got {self.column_chunk_size!r}.")

@@ -1,0 +1,159 @@
+"""What the engine records for each call of a parameter-owning module.
+
+A :class:`CallRecord` keeps the call's positional tensor inputs, a gradient edge for
+each tensor output (captured at call time, so it refers to the value *before* any
+in-place operation on the output), and the output gradients captured in the ordinary
+backward pass. Records live in a :class:`RecordStore` owned by one
+:func:`~secorder_hooks.extend` context and are dropped after each backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["CallInputs", "CallRecord", "RecordStore"]
+
+
+class CallInputs(tuple):
+    """The positional arguments of a module call, as a tuple, with the rest of the call.
+
+    Rules index it like the ``args`` tuple of a forward hook (``inputs[0]`` is the first
+    positional argument). The generic rule also reads:
+
+    Attributes:
+        kwargs: Keyword arguments of the call.
+        differentiable_outputs: Positions, in ``torch.utils._pytree.tree_flatten(output)``,
+            of the tensor outputs the engine backpropagates to (those requiring grad).
+    """
+
+    kwargs: dict
+    differentiable_outputs: tuple[int, ...]
+
+    def __new__(cls, args: tuple, kwargs: dict, differentiable_outputs: tuple[int, ...]) -> CallInputs:
+        obj = super().__new__(cls, args)
+        obj.kwargs = kwargs
+        obj.differentiable_outputs = differentiable_outputs
+        return obj
+
+
+@dataclass(eq=False)
+class CallRecord:
+    """One call of a module whose parameters the engine differentiates.
+
+    Attributes:
+        module: The called module.
+        name: Qualified name of the module in the extended model.
+        inputs: Positional arguments of the call (tensors ``[N, ...]``), with keyword
+            arguments and output structure attached.
+        output_edges: Gradient edge of each differentiable tensor output.
+        output_shapes: Shape of each differentiable tensor output.
+        output_kinds: Dtype and device of each differentiable tensor output.
+        grads: Output gradients captured in the ordinary backward pass (``None`` where
+            no gradient arrived).
+    """
+
+    module: nn.Module
+    name: str
+    inputs: CallInputs
+    output_edges: list[GradientEdge]
+    output_shapes: list[torch.Size]
+    output_kinds: list[tuple[torch.dtype, torch.device]]
+    grads: list[Tensor | None] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Drop the recorded tensors (the output hooks may outlive the record)."""
+        self.inputs = CallInputs((), {}, ())
+        self.output_edges, self.grads = [], [None] * len(self.grads)
+
+    @property
+    def reached(self) -> bool:
+        """Whether the last ordinary backward pass reached any output of this call."""
+        return any(g is not None for g in self.grads)
+
+    def grad_output(self) -> Tensor | tuple[Tensor, ...]:
+        """The captured output gradient(s) with a leading vector axis, ``[1, N, *out]``.
+
+        Outputs that received no gradient get zeros.
+        """
+        grads = tuple(
+            (self.zeros_like_output(i) if g is None else g).unsqueeze(0) for i, g in enumerate(self.grads)
+        )
+        return grads[0] if len(grads) == 1 else grads
+
+    def zeros_like_output(self, index: int, leading: tuple[int, ...] = ()) -> Tensor:
+        """Zeros shaped ``[*leading, *out]`` like differentiable output ``index``."""
+        dtype, device = self.output_kinds[index]
+        return torch.zeros(*leading, *self.output_shapes[index], dtype=dtype, device=device)
+
+
+class RecordStore:
+    """The calls recorded since the last backward pass.
+
+    Attributes:
+        capturing: Output hooks store gradients only while this is set (during the
+            ordinary backward pass, not during the engine's own column passes).
+        paused: No calls are recorded while this is set (the generic rule re-runs modules).
+    """
+
+    def __init__(self) -> None:
+        self._records: list[CallRecord] = []
+        self.capturing = False
+        self.paused = False
+
+    def __iter__(self) -> Iterator[CallRecord]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def clear(self) -> None:
+        """Drop every record, releasing the tensors it holds even if a hook still refers to it."""
+        for rec in self._records:
+            rec.release()
+        self._records.clear()
+
+    def record(self, module: nn.Module, name: str, args: tuple, kwargs: dict, output: object) -> object:
+        """Record one call: called from the module's forward hook.
+
+        Returns:
+            The output to use instead, or ``None`` to keep it. A differentiable output
+            that is a view is replaced by a copy: an in-place operation on a view rewrites
+            the autograd history of its base, and the gradient of the value the module
+            returned would no longer be reachable.
+        """
+        flat, spec = tree_flatten(output)
+        indices = tuple(i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad)
+        if not indices:
+            return None
+        replaced = False
+        for i in indices:
+            if flat[i]._is_view():
+                flat[i], replaced = flat[i].clone(), True
+        outputs = [flat[i] for i in indices]
+        rec = CallRecord(
+            module=module,
+            name=name,
+            inputs=CallInputs(args, kwargs, indices),
+            output_edges=[torch.autograd.graph.get_gradient_edge(t) for t in outputs],
+            output_shapes=[t.shape for t in outputs],
+            output_kinds=[(t.dtype, t.device) for t in outputs],
+            grads=[None] * len(outputs),
+        )
+        for i, t in enumerate(outputs):
+            t.register_hook(self._capture(rec, i))
+        self._records.append(rec)
+        return tree_unflatten(flat, spec) if replaced else None
+
+    def _capture(self, rec: CallRecord, index: int):
+        def hook(grad: Tensor) -> None:
+            if self.capturing:
+                prev = rec.grads[index]
+                rec.grads[index] = grad if prev is None else prev + grad
+
+        return hook

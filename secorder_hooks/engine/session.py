@@ -1,0 +1,167 @@
+"""The state of one :func:`~secorder_hooks.extend` context: hooks, records, checks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+from secorder_hooks.engine.mode import EngineMode
+from secorder_hooks.engine.options import EngineOptions
+from secorder_hooks.engine.records import RecordStore
+from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
+from secorder_hooks.losses.calls import LossCall
+from secorder_hooks.quantities import Quantity
+from secorder_hooks.rules.base import trainable_parameters
+
+__all__ = ["Session"]
+
+
+class Session:
+    """Installs the engine on a model and removes every trace of it on :meth:`close`.
+
+    Args:
+        model: The model whose trainable parameters receive the quantities.
+        quantities: The quantities to compute in each backward pass.
+        options: Engine options (chunking of curvature columns).
+    """
+
+    def __init__(self, model: nn.Module, quantities: Sequence[Quantity], options: EngineOptions) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
+        for q in quantities:
+            if not isinstance(q, Quantity):
+                raise TypeError(
+                    f"extend() got {q!r}; pass quantity instances such as secorder_hooks.BatchGrad()."
+                )
+        attributes = Counter(q.attribute for q in quantities)
+        if any(count > 1 for count in attributes.values()):
+            raise ValueError(f"extend() got the same quantity twice: {list(quantities)}.")
+        self.model = model
+        self.quantities = tuple(quantities)
+        self.options = options
+        self.params: dict[int, nn.Parameter] = {}
+        self.owners: dict[int, list[nn.Module]] = {}
+        self.param_names: dict[int, str] = {}
+        self.module_names: dict[nn.Module, str] = {}
+        for module_name, module in model.named_modules():
+            self.module_names.setdefault(module, module_name)
+            for p_name, p in trainable_parameters(module).items():
+                self.params[id(p)] = p
+                self.owners.setdefault(id(p), []).append(module)
+                self.param_names.setdefault(id(p), f"{module_name}.{p_name}" if module_name else p_name)
+        if not self.owners:
+            raise ExtensionError(
+                f"extend() got a model ({type(model).__name__}) without trainable parameters; "
+                "there is nothing to compute. Check requires_grad of its parameters."
+            )
+        self.records = RecordStore()
+        self.loss_calls: list[LossCall] = []
+        self.root_outputs: list[Tensor] = []
+        self.misused: list[tuple[str, Tensor]] = []
+        self._active: Counter[int] = Counter()
+        self._handles: list[RemovableHandle] = []
+        self._mode = EngineMode(self)
+        self._in_backward = False
+
+    # ----------------------------------------------------------------- lifetime
+    def open(self) -> None:
+        """Register the hooks and push the torch-function mode."""
+        try:
+            seen: set[nn.Module] = set()
+            for module, name in self.module_names.items():
+                if module in seen:
+                    continue
+                seen.add(module)
+                if isinstance(module, _BatchNorm):
+                    self._handles.append(module.register_forward_hook(self._check_batchnorm))
+                if trainable_parameters(module):
+                    self._handles.append(module.register_forward_pre_hook(self._enter_module))
+                    self._handles.append(
+                        module.register_forward_hook(self._record_call(name), with_kwargs=True, always_call=True)
+                    )
+            self._handles.append(self.model.register_forward_hook(self._record_root))
+            self._mode.__enter__()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Remove every hook and recorded tensor; idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._mode is not None and torch.overrides._get_current_function_mode_stack().count(self._mode):
+            self._mode.__exit__(None, None, None)
+        self.reset_pass()
+        self._active.clear()
+
+    def reset_pass(self) -> None:
+        """Forget what the forward passes since the last backward recorded."""
+        self.records.clear()
+        self.loss_calls.clear()
+        self.root_outputs.clear()
+        self.misused.clear()
+
+    # ----------------------------------------------------------------- hooks
+    def _enter_module(self, module: nn.Module, args: tuple) -> None:
+        self._active[id(module)] += 1
+
+    def _record_call(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            self._active[id(module)] -= 1
+            if torch.is_grad_enabled() and not self.records.paused:
+                return self.records.record(module, name, args, kwargs, output)
+            return None
+
+        return hook
+
+    def _record_root(self, module: nn.Module, args: tuple, output: object) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            self.root_outputs.append(output)
+
+    def _check_batchnorm(self, module: nn.Module, args: tuple, output: object) -> None:
+        if module.training and torch.is_grad_enabled() and not self.records.paused:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} '{self.module_names[module]}' is in training mode: it normalizes with "
+                "batch statistics, which mixes the examples, so per-example quantities are undefined. "
+                "Call model.eval() (uses running statistics) or replace it with nn.GroupNorm."
+            )
+
+    def check_parameter_use(self, args: tuple, kwargs: dict, result: Tensor) -> None:
+        """Note trainable parameters used while none of their owning modules runs.
+
+        The result is kept so the backward pass can tell whether the loss depends on it.
+        """
+        for arg in (*args, *kwargs.values()):
+            candidates = arg if isinstance(arg, (list, tuple)) else (arg,)
+            for a in candidates:
+                if isinstance(a, nn.Parameter) and id(a) in self.owners:
+                    if not any(self._active[id(m)] > 0 for m in self.owners[id(a)]):
+                        self.misused.append((self.param_names[id(a)], result))
+
+    # ----------------------------------------------------------------- backward
+    def backward(
+        self,
+        tensor: Tensor,
+        gradient: Tensor | None = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        inputs: Any = None,
+    ) -> None:
+        """Replacement of ``Tensor.backward`` while the context is active."""
+        from secorder_hooks.engine.backward import run_backward
+
+        if self._in_backward:
+            raise ExtensionError("loss.backward() was called re-entrantly inside the engine's own backward pass.")
+        self._in_backward = True
+        try:
+            run_backward(self, tensor, gradient, retain_graph, create_graph, inputs)
+        finally:
+            self._in_backward = False
+            self.records.capturing = False

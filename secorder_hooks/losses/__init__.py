@@ -1,0 +1,1 @@
+"""Losses: recognition of standard loss calls and their Hessian square roots."""

@@ -1,0 +1,143 @@
+r"""The quantities :func:`secorder_hooks.extend` computes during ``loss.backward()``.
+
+Notation (see :doc:`/conventions`): the loss is :math:`L = c \sum_n \ell_n(f_n)` with
+:math:`N` examples along dim 0, model output :math:`f_n` and reduction factor :math:`c`
+(1 for ``reduction="sum"``, one over the number of averaged terms for ``"mean"``).
+Each quantity is written to every trainable parameter ``p`` under the attribute name of
+BackPACK, so code written for BackPACK reads it unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+__all__ = [
+    "Quantity",
+    "Order",
+    "BatchGrad",
+    "SumGradSquared",
+    "BatchL2Grad",
+    "Variance",
+    "DiagGGNExact",
+    "BatchDiagGGNExact",
+    "DiagGGNMC",
+    "DiagHessian",
+    "BatchDiagHessian",
+]
+
+
+class Order(enum.Enum):
+    """Which backward passes a quantity needs."""
+
+    FIRST = "first"
+    """Computed from the output gradients of the ordinary backward pass."""
+    SECOND = "second"
+    """Needs columns of a curvature square root backpropagated through the model."""
+
+
+class Quantity:
+    """Base class of the quantities; subclasses are small frozen dataclasses.
+
+    Attributes:
+        attribute: Name of the attribute written to each trainable parameter.
+        order: Which backward passes the quantity needs.
+    """
+
+    attribute: ClassVar[str]
+    order: ClassVar[Order]
+
+
+@dataclass(frozen=True)
+class BatchGrad(Quantity):
+    r"""Per-example gradients :math:`c \nabla_\theta \ell_n`, shape ``[N, *p.shape]``.
+
+    ``p.grad_batch.sum(0)`` equals the gradient of this backward pass.
+    """
+
+    attribute: ClassVar[str] = "grad_batch"
+    order: ClassVar[Order] = Order.FIRST
+
+
+@dataclass(frozen=True)
+class SumGradSquared(Quantity):
+    r""":math:`\sum_n (c \nabla_\theta \ell_n)^2`, shape ``p.shape``."""
+
+    attribute: ClassVar[str] = "sum_grad_squared"
+    order: ClassVar[Order] = Order.FIRST
+
+
+@dataclass(frozen=True)
+class BatchL2Grad(Quantity):
+    r"""Squared norms :math:`\| c \nabla_\theta \ell_n \|^2` per parameter tensor, shape ``[N]``."""
+
+    attribute: ClassVar[str] = "batch_l2"
+    order: ClassVar[Order] = Order.FIRST
+
+
+@dataclass(frozen=True)
+class Variance(Quantity):
+    r"""Variance over examples of ``grad_batch`` (``unbiased=False``), shape ``p.shape``."""
+
+    attribute: ClassVar[str] = "variance"
+    order: ClassVar[Order] = Order.FIRST
+
+
+@dataclass(frozen=True)
+class DiagGGNExact(Quantity):
+    r"""Diagonal of :math:`G = c \sum_n J_n^\top (\partial^2 \ell_n / \partial f_n^2) J_n`."""
+
+    attribute: ClassVar[str] = "diag_ggn_exact"
+    order: ClassVar[Order] = Order.SECOND
+
+
+@dataclass(frozen=True)
+class BatchDiagGGNExact(Quantity):
+    """Example ``n``'s term of :class:`DiagGGNExact`, shape ``[N, *p.shape]``."""
+
+    attribute: ClassVar[str] = "diag_ggn_exact_batch"
+    order: ClassVar[Order] = Order.SECOND
+
+
+@dataclass(frozen=True)
+class DiagGGNMC(Quantity):
+    r"""Unbiased Monte-Carlo estimate of the diagonal of the GGN / exact Fisher.
+
+    For each of ``mc_samples`` draws :math:`\hat y_n \sim p(y \mid f_n)` from the model's
+    predictive distribution, the gradient of the sampled loss is backpropagated and its
+    square accumulated with weight ``1 / mc_samples``, so the expectation equals
+    :class:`DiagGGNExact` exactly.
+
+    Args:
+        mc_samples: Number of samples per example, at least 1.
+        generator: Optional :class:`torch.Generator` that makes the samples reproducible.
+    """
+
+    mc_samples: int = 1
+    generator: torch.Generator | None = field(default=None, compare=False)
+
+    attribute: ClassVar[str] = "diag_ggn_mc"
+    order: ClassVar[Order] = Order.SECOND
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ValueError(f"DiagGGNMC(mc_samples=...) must be a positive int, got {self.mc_samples!r}.")
+
+
+@dataclass(frozen=True)
+class DiagHessian(Quantity):
+    """Diagonal of the exact Hessian of the loss as computed (what ``torch.func.hessian`` gives)."""
+
+    attribute: ClassVar[str] = "diag_h"
+    order: ClassVar[Order] = Order.SECOND
+
+
+@dataclass(frozen=True)
+class BatchDiagHessian(Quantity):
+    """Example ``n``'s term of :class:`DiagHessian`, shape ``[N, *p.shape]``."""
+
+    attribute: ClassVar[str] = "diag_h_batch"
+    order: ClassVar[Order] = Order.SECOND

@@ -1,0 +1,208 @@
+r"""The layer-rule interface and its registry.
+
+A *rule* turns what the engine recorded for one call of a module, its inputs and a
+batch of vectors backpropagated to its output, into quantities of the module's own
+parameters. Shapes used throughout:
+
+* ``inputs``: the positional arguments of the call (a tuple, like the ``args`` of a
+  forward hook), tensors with dim 0 indexing the ``N`` examples.
+* ``grad_output``: ``[V, N, *out]``, ``V`` vectors backpropagated to the module output
+  (``V = 1`` for the gradient of the loss; ``V`` loss-Hessian square-root columns for
+  curvature).
+* ``weights``: optional ``[V, N]`` signs or weights of the vectors (``None`` means 1).
+
+Writing :math:`g^{(v)}_n = \partial (v^\top \mathrm{out}) / \partial \theta` restricted to
+example ``n``, a rule must give the per-example gradients
+:math:`g^{(v)}_n` and may override the reductions of them that have cheaper closed forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar, Union
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerRule",
+    "FunctionRule",
+    "register_rule",
+    "rule_for",
+    "registered_rule",
+    "trainable_parameters",
+]
+
+ParamDict = dict[str, Tensor]
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters owned directly by ``module`` (not its children) that require grad."""
+    return {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+class LayerRule:
+    """Computes per-example quantities of one module type from recorded tensors.
+
+    Subclasses implement :meth:`per_example_grads`; the other methods have correct
+    defaults built on it and exist so that a rule can avoid materializing
+    ``[V, N, *p.shape]`` when a closed form is cheaper.
+    """
+
+    def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
+        """Per-example gradients of each vector.
+
+        Args:
+            module: The module that was called.
+            inputs: Positional tensor inputs of the call, ``[N, ...]`` each.
+            grad_output: ``[V, N, *out]`` vectors at the module output.
+
+        Returns:
+            For every trainable parameter name, a tensor ``[V, N, *p.shape]``.
+        """
+        raise NotImplementedError
+
+    def weighted_squared_sum(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        weights: Tensor | None,
+        per_example: bool,
+    ) -> ParamDict:
+        r""":math:`\sum_v w_{vn} (g^{(v)}_n)^2`, summed over ``n`` unless ``per_example``.
+
+        Returns:
+            Per parameter name, ``p.shape`` or ``[N, *p.shape]`` if ``per_example``.
+        """
+        grads = self.per_example_grads(module, inputs, grad_output)
+        return {name: _weighted_square_reduce(g, weights, per_example) for name, g in grads.items()}
+
+    def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
+        r""":math:`\|g^{(v)}_n\|^2` per parameter tensor, ``[V, N]`` per parameter name."""
+        grads = self.per_example_grads(module, inputs, grad_output)
+        return {name: g.flatten(start_dim=2).square().sum(-1) for name, g in grads.items()}
+
+    def output_curvature(
+        self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor, per_example: bool
+    ) -> ParamDict:
+        r""":math:`\sum_{e} r_{ne} (\partial \mathrm{out}_{ne} / \partial\theta)^2` for weights ``r`` on output elements.
+
+        This is the Hessian-diagonal contribution of an elementwise curved operation
+        applied directly to the module output, with ``r = phi''(out) * dL/dphi``.
+
+        Args:
+            output_weights: ``[N, *out]`` weight of every output element.
+            per_example: Keep the example axis.
+
+        Returns:
+            Per parameter name, ``p.shape`` or ``[N, *p.shape]``.
+        """
+        n = output_weights.shape[0]
+        flat = output_weights.reshape(n, -1)
+        columns = torch.diag_embed(torch.ones_like(flat)).permute(2, 0, 1).reshape(-1, *output_weights.shape)
+        return self.weighted_squared_sum(module, inputs, columns, rearrange(flat, "n e -> e n"), per_example)
+
+    def own_hessian_term(
+        self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor, per_example: bool
+    ) -> ParamDict:
+        r"""Diagonal of :math:`\nabla^2_\theta \sum_n g_n^\top \mathrm{out}_n(\theta)` for ``grad_output`` ``[N, *out]``.
+
+        Zero for modules whose output is affine in their own parameters (all built-in
+        rules), so the default returns an empty dict.
+        """
+        return {}
+
+
+def _weighted_square_reduce(grads: Tensor, weights: Tensor | None, per_example: bool) -> Tensor:
+    """Reduce ``[V, N, *p]`` to ``sum_v w_vn grads**2`` over ``v`` (and ``n``)."""
+    squared = grads.square()
+    if weights is not None:
+        squared = squared * weights.reshape(*weights.shape, *([1] * (grads.dim() - 2)))
+    return squared.sum(0) if per_example else squared.sum((0, 1))
+
+
+class FunctionRule(LayerRule):
+    """Adapts a plain function ``fn(module, inputs, grad_output) -> {name: [N, *p]}``.
+
+    The function sees ordinary ``[N, *out]`` output gradients; the ``V`` vectors of the
+    engine are folded into the example axis (inputs are repeated ``V`` times).
+    """
+
+    def __init__(self, fn: Callable[[nn.Module, Sequence[Tensor], Tensor], ParamDict]) -> None:
+        self.fn = fn
+
+    def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
+        v, n = grad_output.shape[:2]
+        folded_inputs = [repeat(x, "n ... -> (v n) ...", v=v) if isinstance(x, Tensor) else x for x in inputs]
+        grads = self.fn(module, folded_inputs, grad_output.flatten(0, 1))
+        return {name: g.reshape(v, n, *g.shape[1:]) for name, g in grads.items()}
+
+    def __repr__(self) -> str:
+        return f"FunctionRule({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+RuleLike = Union[LayerRule, type[LayerRule], Callable[..., ParamDict]]
+R = TypeVar("R", bound=RuleLike)
+
+
+def register_rule(module_class: type[nn.Module]) -> Callable[[R], R]:
+    """Class decorator or function decorator registering a rule for ``module_class``.
+
+    The rule applies to ``module_class`` and its subclasses unless a subclass has its own
+    rule (lookup follows the MRO). Registering again for the same class overrides.
+
+    Example:
+        >>> import torch
+        >>> from secorder_hooks import register_rule
+        >>> class Scale(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(3))
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> @register_rule(Scale)
+        ... def scale_rule(module, inputs, grad_output):
+        ...     return {"weight": grad_output * inputs[0]}
+
+    Args:
+        module_class: The module type the rule handles.
+
+    Returns:
+        A decorator that registers its argument and returns it unchanged. It accepts a
+        :class:`LayerRule` subclass (instantiated without arguments), an instance, or a
+        function ``fn(module, inputs, grad_output) -> {param_name: [N, *p.shape]}``.
+    """
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        raise TypeError(f"register_rule expects an nn.Module subclass, got {module_class!r}.")
+
+    def decorator(rule: R) -> R:
+        if isinstance(rule, type) and issubclass(rule, LayerRule):
+            _RULES[module_class] = rule()
+        elif isinstance(rule, LayerRule):
+            _RULES[module_class] = rule
+        elif callable(rule):
+            _RULES[module_class] = FunctionRule(rule)
+        else:
+            raise TypeError(f"register_rule({module_class.__name__}) got {rule!r}; expected a LayerRule or a function.")
+        return rule
+
+    return decorator
+
+
+def registered_rule(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``type(module)`` or its nearest base class, if any."""
+    for cls in type(module).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
+
+
+def rule_for(module: nn.Module) -> LayerRule:
+    """The registered rule for ``module``, or the generic torch.func fallback."""
+    from secorder_hooks.rules.generic import GENERIC_RULE
+
+    return registered_rule(module) or GENERIC_RULE
