@@ -40,10 +40,13 @@ class Contributions:
     @classmethod
     def collect(cls, session: Session) -> Contributions:
         """Group the calls reached by the last ordinary backward pass by parameter."""
+        return cls.of([rec for rec in session.records if rec.reached])
+
+    @classmethod
+    def of(cls, records: Sequence[CallRecord]) -> Contributions:
+        """Group ``records`` by the trainable parameters of their modules."""
         result = cls()
-        for rec in session.records:
-            if not rec.reached:
-                continue
+        for rec in records:
             if rec.module not in result.rules:
                 result.rules[rec.module] = rule_for(rec.module)
             for name, p in trainable_parameters(rec.module).items():

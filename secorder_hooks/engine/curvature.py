@@ -1,2 +1,364 @@
-"""Curvature column passes (placeholder)."""
-class CurvaturePlan: ...
+r"""Curvature quantities: GGN / Fisher diagonals and the exact Hessian diagonal.
+
+With :math:`L = c \sum_n \ell_n(f_n)` and loss-Hessian square-root columns :math:`s_k`
+(:mod:`secorder_hooks.engine.loss_term`), the GGN diagonal is
+
+.. math::
+    \operatorname{diag} G = \sum_n \sum_k w_{kn} \big(J_n^\top s_{kn}\big)^{\odot 2},
+
+computed by backpropagating all columns at once from :math:`f` to the recorded module
+outputs (:mod:`secorder_hooks.engine.columns`) and letting each layer rule square and
+sum its per-example gradients. The Monte-Carlo Fisher uses sampled columns instead. The
+exact Hessian diagonal adds the second-order term of every curved operation between a
+parameter and :math:`f` (:mod:`secorder_hooks.engine.residuals`): one-hot columns from
+the operation's input weighted by :math:`\phi''(a) \odot \partial L/\partial h`, or a
+closed form when the operation directly follows a layer, plus the own-parameter terms of
+modules handled by the generic rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from secorder_hooks.engine.assemble import ColumnResults, Contributions
+from secorder_hooks.engine.columns import backprop_columns
+from secorder_hooks.engine.curved_ops import second_derivative
+from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
+from secorder_hooks.engine.records import CallRecord
+from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
+from secorder_hooks.errors import ExtensionError, UnsupportedOperationError
+from secorder_hooks.losses.base import LossTerm, SqrtColumns
+from secorder_hooks.quantities import (
+    BatchDiagGGNExact,
+    BatchDiagHessian,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    Quantity,
+)
+from secorder_hooks.rules.base import LayerRule, rule_for, trainable_parameters
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from secorder_hooks.engine.session import Session
+
+__all__ = ["CurvaturePlan", "curvature_from_outputs"]
+
+_HESSIAN = (DiagHessian, BatchDiagHessian)
+_PER_EXAMPLE = (BatchDiagGGNExact, BatchDiagHessian)
+
+
+class Diagonals:
+    """Running sums of diagonal contributions per parameter id.
+
+    Args:
+        per_example: Keep the example axis (``[N, *p]``) instead of ``p.shape``.
+    """
+
+    def __init__(self, per_example: bool) -> None:
+        self.per_example = per_example
+        self.values: dict[int, Tensor] = {}
+
+    def add(self, key: int, value: Tensor) -> None:
+        """Add ``value`` to the running sum of parameter ``key``."""
+        self.values[key] = value if key not in self.values else self.values[key] + value
+
+    def get(self, key: int, like: Tensor, batch_size: int) -> Tensor:
+        """The sum for ``key``, zeros shaped like ``like`` (per example if kept) if none."""
+        if key in self.values:
+            return self.values[key]
+        shape = (batch_size, *like.shape) if self.per_example else like.shape
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+class CurvaturePlan:
+    """The curvature work of one backward pass, planned while the graph is intact.
+
+    Args:
+        session: The active session.
+        term: The loss term of the loss being differentiated.
+        sites: Curved operations (only when a Hessian is requested).
+    """
+
+    def __init__(self, session: Session, term: LossTerm, sites: list[CurvedSite]) -> None:
+        self.session = session
+        self.term = term
+        self.sites = sites
+        self.batch_size = term.shape[0] // rows_per_example(term.edge, term.shape)
+
+    @classmethod
+    def build(cls, session: Session, loss: Tensor) -> CurvaturePlan:
+        """Select the loss term and find the curved operations, raising before any work.
+
+        Raises:
+            UnsupportedLossError: The loss cannot be differentiated twice exactly, or a
+                Monte-Carlo quantity is requested for a loss without a known likelihood.
+            UnsupportedOperationError: The Hessian is requested through an operation
+                whose second-order term is unknown.
+        """
+        term = select_loss_term(session, loss)
+        if any(isinstance(q, DiagGGNMC) for q in session.quantities) and not _can_sample(term):
+            term.sample_sqrt_hessian(1)  # raises UnsupportedLossError naming the loss
+        sites: list[CurvedSite] = []
+        if any(isinstance(q, _HESSIAN) for q in session.quantities):
+            self_curved = [
+                (rec, frozenset(id(p) for p in trainable_parameters(rec.module).values()))
+                for rec in session.records
+                if _has_own_term(rule_for(rec.module))
+            ]
+            sites = find_sites(term.edge.node, set(session.params), self_curved, session.param_names)
+        return cls(session, term, sites)
+
+    def register_capture_hooks(self) -> list[RemovableHandle]:
+        """Hooks capturing :math:`\\partial L / \\partial h` at every curved operation."""
+        return [site.node.register_prehook(site.capture) for site in self.sites]
+
+    def run(self, contributions: Contributions) -> None:
+        """Compute the requested curvature quantities and attach them to the parameters."""
+        quantities = {type(q): q for q in self.session.quantities}
+        per_example = any(q in quantities for q in _PER_EXAMPLE)
+        records = _records(contributions)
+        chunk = self.session.options.column_chunk_size
+        ggn = None
+        if any(q in quantities for q in (DiagGGNExact, BatchDiagGGNExact, *_HESSIAN)):
+            ggn = Diagonals(per_example)
+            sqrt = example_columns(self.term, self.term.sqrt_hessian())
+            column_pass(contributions, (self.term.edge,), _split(sqrt, chunk), records, ggn)
+        mc = None
+        if DiagGGNMC in quantities:
+            q = quantities[DiagGGNMC]
+            mc = Diagonals(per_example=False)
+            sampled = SqrtColumns(self.term.sample_sqrt_hessian(q.mc_samples, q.generator))
+            column_pass(contributions, (self.term.edge,), _split(example_columns(self.term, sampled), chunk), records, mc)
+        residual = None
+        if any(q in quantities for q in _HESSIAN):
+            residual = Diagonals(per_example)
+            self._residuals(contributions, records, residual, chunk)
+            self._own_terms(contributions, residual)
+        self._attach(contributions, quantities, ggn, mc, residual)
+
+    def _residuals(self, contributions: Contributions, records: list[CallRecord], into: Diagonals, chunk: int | None):
+        for site in self.sites:
+            if site.grad is None:
+                continue
+            if site.kind is SiteKind.ELEMENTWISE:
+                weights = second_derivative(site.node) * site.grad
+                self._check_examples(site, weights)
+                closed = _closed_form_record(site, contributions)
+                if closed is not None:
+                    rule = contributions.rules[closed.module]
+                    terms = rule.output_curvature(closed.module, closed.inputs, weights, into.per_example)
+                    for name, value in terms.items():
+                        into.add(id(getattr(closed.module, name)), value)
+                targets = [rec for rec in records_below(site.sources, records) if rec is not closed]
+                columns = _one_hot(weights, chunk, product=False)
+            else:
+                self._check_products(site)
+                self._check_examples(site, site.grad)
+                targets = records_below(site.sources, records)
+                columns = _one_hot(site.grad, chunk, product=True)
+            if targets:
+                column_pass(contributions, site.sources, columns, targets, into)
+
+    def _own_terms(self, contributions: Contributions, into: Diagonals) -> None:
+        for rec in _records(contributions):
+            rule = contributions.rules[rec.module]
+            if not _has_own_term(rule):
+                continue
+            grads = rec.grad_output()
+            grads = tuple(g[0] for g in grads) if isinstance(grads, tuple) else grads[0]
+            for name, value in rule.own_hessian_term(rec.module, rec.inputs, grads, into.per_example).items():
+                into.add(id(getattr(rec.module, name)), value)
+
+    def _check_examples(self, site: CurvedSite, values: Tensor) -> None:
+        if values.dim() == 0 or values.shape[0] != self.batch_size:
+            raise UnsupportedOperationError(
+                f"the exact Hessian needs the second-order term of {type(site.node).__name__} on a tensor of shape "
+                f"{tuple(values.shape)}, whose dim 0 is not the {self.batch_size} examples of the batch. Keep "
+                "examples on dim 0 of activations, or use DiagGGNExact."
+            )
+
+    @staticmethod
+    def _check_products(site: CurvedSite) -> None:
+        node = site.node
+        if not (node._saved_self.shape == node._saved_other.shape == site.grad.shape):
+            raise UnsupportedOperationError(
+                "the exact Hessian needs the second-order term of a broadcasting product whose factors both depend "
+                f"on a parameter (shapes {tuple(node._saved_self.shape)} and {tuple(node._saved_other.shape)}). "
+                "Expand the factors to a common shape first, or use DiagGGNExact."
+            )
+
+    def _attach(
+        self,
+        contributions: Contributions,
+        quantities: dict[type[Quantity], Quantity],
+        ggn: Diagonals | None,
+        mc: Diagonals | None,
+        residual: Diagonals | None,
+    ) -> None:
+        n = self.batch_size
+        for key in contributions.by_param:
+            p = self.session.params[key]
+            if ggn is not None:
+                g = ggn.get(key, p, n)
+                full_g = g.sum(0) if ggn.per_example else g
+                if DiagGGNExact in quantities:
+                    p.diag_ggn_exact = full_g
+                if BatchDiagGGNExact in quantities:
+                    p.diag_ggn_exact_batch = g
+                if residual is not None:
+                    h = g + residual.get(key, p, n)
+                    if DiagHessian in quantities:
+                        p.diag_h = h.sum(0) if residual.per_example else h
+                    if BatchDiagHessian in quantities:
+                        p.diag_h_batch = h
+            if mc is not None:
+                p.diag_ggn_mc = mc.get(key, p, n)
+
+
+def column_pass(
+    contributions: Contributions,
+    sources: Sequence,
+    blocks: Iterator[tuple[tuple[Tensor, ...], Tensor | None]],
+    targets: Sequence[CallRecord],
+    into: Diagonals,
+) -> None:
+    r"""Backpropagate column blocks and add :math:`\sum_v w_{vn} (g^{(v)}_n)^2` per parameter.
+
+    Args:
+        contributions: The contributing calls and their rules.
+        sources: Gradient edges the columns start at.
+        blocks: ``(columns per source [V, *source], weights [V, N] or None)`` chunks.
+        targets: The records the columns can reach.
+        into: Where to accumulate.
+    """
+    reached = {id(rec) for rec in targets}
+    params = [(key, parts) for key, parts in contributions.by_param.items() if any(id(r) in reached for r, _ in parts)]
+    for columns, weights in blocks:
+        block = backprop_columns(sources, columns, targets)
+        v = columns[0].shape[0]
+
+        def grad_outputs(rec: CallRecord, block=block, v=v) -> Tensor | tuple[Tensor, ...]:
+            outs = block.get(id(rec)) or tuple(rec.zeros_like_output(i, (v,)) for i in range(len(rec.output_edges)))
+            return outs[0] if len(outs) == 1 else outs
+
+        results = ColumnResults(contributions, grad_outputs, weights)
+        for key, parts in params:
+            into.add(key, results.weighted_squared_sum(parts, into.per_example))
+
+
+def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) -> dict[int, Tensor]:
+    """GGN or Monte-Carlo Fisher diagonal of a loss of ``outputs`` computed inside ``extend()``.
+
+    Uses the records of the active session whose forward pass produced ``outputs``, and
+    one vectorized backward of the loss-Hessian square-root columns; the ordinary
+    backward pass is not needed.
+
+    Args:
+        outputs: The model output the term is a function of.
+        term: The loss term (its edge must be ``outputs``' or below it).
+        quantity: :class:`~secorder_hooks.DiagGGNExact` or :class:`~secorder_hooks.DiagGGNMC`.
+
+    Returns:
+        Parameter id -> diagonal (``p.shape``), for every parameter the outputs depend on.
+
+    Raises:
+        LookupError: No active session recorded the forward pass of ``outputs``.
+    """
+    session = _active_session()
+    records = records_below((term.edge,), [rec for rec in session.records if rec.output_edges]) if session else []
+    if not records:
+        raise LookupError("outputs were not computed inside an active secorder_hooks.extend() context.")
+    contributions = Contributions.of(records)
+    into = Diagonals(per_example=False)
+    if isinstance(quantity, DiagGGNMC):
+        sqrt = SqrtColumns(term.sample_sqrt_hessian(quantity.mc_samples, quantity.generator))
+    elif isinstance(quantity, DiagGGNExact):
+        sqrt = term.sqrt_hessian()
+    else:
+        raise ExtensionError(f"curvature_from_outputs supports DiagGGNExact and DiagGGNMC, not {quantity!r}.")
+    sqrt = example_columns(term, sqrt)
+    session.records.paused = True
+    try:
+        column_pass(contributions, (term.edge,), _split(sqrt, session.options.column_chunk_size), records, into)
+    finally:
+        session.records.paused = False
+    return into.values
+
+
+def _active_session() -> Session | None:
+    from secorder_hooks.engine.mode import EngineMode
+
+    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(mode, EngineMode):
+            return mode.session
+    return None
+
+
+def _records(contributions: Contributions) -> list[CallRecord]:
+    seen: dict[int, CallRecord] = {}
+    for parts in contributions.by_param.values():
+        for rec, _ in parts:
+            seen.setdefault(id(rec), rec)
+    return list(seen.values())
+
+
+def _has_own_term(rule: LayerRule) -> bool:
+    return type(rule).own_hessian_term is not LayerRule.own_hessian_term
+
+
+def _can_sample(term: LossTerm) -> bool:
+    return type(term).sample_sqrt_hessian is not LossTerm.sample_sqrt_hessian
+
+
+def _split(sqrt: SqrtColumns, size: int | None) -> Iterator[tuple[tuple[Tensor, ...], Tensor | None]]:
+    """Chunks of at most ``size`` columns (all at once for ``None``)."""
+    k = sqrt.columns.shape[0]
+    step = k if size is None else size
+    for start in range(0, k, step):
+        weights = None if sqrt.weights is None else sqrt.weights[start : start + step]
+        yield (sqrt.columns[start : start + step],), weights
+
+
+def _one_hot(weights: Tensor, size: int | None, product: bool) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+    r"""One-hot columns over the elements of one example, weighted by ``weights`` ``[N, *a]``.
+
+    For ``product`` the columns are polarized for :math:`h = u \odot v`: pairs
+    :math:`(e_j, e_j)` and :math:`(e_j, -e_j)` at the two factors, weighted by
+    :math:`\pm r_j / 2`, whose weighted squares sum to :math:`2 r_j (J_u^\top e_j)(J_v^\top e_j)`.
+    """
+    n, shape = weights.shape[0], weights.shape[1:]
+    flat = weights.reshape(n, -1).T  # [K, N]
+    k = flat.shape[0]
+    step = k if size is None else max(1, size // 2 if product else size)
+    for start in range(0, k, step):
+        stop = min(k, start + step)
+        eye = torch.zeros(stop - start, k, dtype=weights.dtype, device=weights.device)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+        cols = eye.unsqueeze(1).expand(-1, n, -1).reshape(stop - start, n, *shape)
+        w = flat[start:stop]
+        if product:
+            yield (torch.cat([cols, cols]), torch.cat([cols, -cols])), torch.cat([w, -w]) / 2
+        else:
+            yield (cols,), w
+
+
+def _closed_form_record(site: CurvedSite, contributions: Contributions) -> CallRecord | None:
+    """The record whose output is the curved operation's input, if its rule may use a closed form.
+
+    The closed form is exact only when every parameter of that module gets its gradient
+    from this one call (no second call, no weight shared with another module).
+    """
+    (source,) = site.sources
+    for rec in _records(contributions):
+        if source in rec.output_edges and len(rec.output_edges) == 1:
+            params = trainable_parameters(rec.module).values()
+            if all(len(contributions.by_param.get(id(p), ())) == 1 for p in params):
+                return rec
+            return None
+    return None

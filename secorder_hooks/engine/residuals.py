@@ -1,0 +1,159 @@
+r"""Finding the curved operations whose second-order term the exact Hessian needs.
+
+For :math:`L = \ell(f(\theta))` the diagonal of the Hessian is the GGN diagonal plus, for
+every curved operation between a parameter and :math:`f`,
+
+* elementwise :math:`h = \phi(a)`: :math:`\sum_e \phi''(a_e)\, r_e\,
+  (\partial a_e / \partial\theta)^2` with :math:`r = \partial L / \partial h`;
+* elementwise product :math:`h = u \odot v` with both factors depending on
+  :math:`\theta`: :math:`\sum_e 2 r_e\, (\partial u_e/\partial\theta)
+  (\partial v_e/\partial\theta)`.
+
+:func:`find_sites` walks the autograd graph below :math:`f` once, before the backward
+pass, and returns these *sites*; :math:`r` is captured at each site's node during the
+ordinary backward pass. Operations whose second-order term is unknown raise
+:class:`~secorder_hooks.errors.UnsupportedOperationError` when a parameter lies below
+them, so that no Hessian is silently reported as the GGN.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, Node
+
+from secorder_hooks.engine.curved_ops import AFFINE, ELEMENTWISE, ELEMENTWISE_PRODUCT, MULTILINEAR, node_name
+from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable
+from secorder_hooks.engine.records import CallRecord
+from secorder_hooks.errors import UnsupportedOperationError
+
+__all__ = ["SiteKind", "CurvedSite", "find_sites", "params_below", "records_below"]
+
+
+class SiteKind(enum.Enum):
+    """The two kinds of second-order terms the engine computes."""
+
+    ELEMENTWISE = "elementwise"
+    PRODUCT = "product"
+
+
+@dataclass(eq=False)
+class CurvedSite:
+    """One curved operation between parameters and the loss.
+
+    Attributes:
+        node: The operation's autograd node.
+        kind: Elementwise function or elementwise product.
+        sources: Gradient edges of its input ``a`` (elementwise) or factors ``u, v``.
+        grad: :math:`\\partial L / \\partial h` at its output, captured in the backward pass.
+    """
+
+    node: Node
+    kind: SiteKind
+    sources: tuple[GradientEdge, ...]
+    grad: Tensor | None = None
+
+    def capture(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        """Node pre-hook storing the gradient at the operation's output."""
+        self.grad = grad_outputs[0]
+
+
+def params_below(root: Node, param_ids: set[int]) -> dict[Node, frozenset[int]]:
+    """For every node reachable from ``root``: the ids of the parameters below it."""
+    below: dict[Node, frozenset[int]] = {}
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in below:
+            continue
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children(node) if child not in below)
+            continue
+        found: set[int] = set()
+        var = leaf_variable(node)
+        if var is not None and id(var) in param_ids:
+            found.add(id(var))
+        for child in children(node):
+            found |= below[child]
+        below[node] = frozenset(found)
+    return below
+
+
+def _internal_nodes(rec: CallRecord) -> set[Node]:
+    """Nodes created inside one module call: between its outputs and its inputs."""
+    stop = {t.grad_fn for t in rec.inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+    inside: set[Node] = set()
+    for edge in rec.output_edges:
+        inside.update(node for node in iter_nodes(edge.node, stop) if node not in stop)
+    return inside
+
+
+def find_sites(
+    root: Node,
+    param_ids: set[int],
+    self_curved: Iterable[tuple[CallRecord, frozenset[int]]],
+    describe: dict[int, str],
+) -> list[CurvedSite]:
+    """The curved operations below ``root`` whose second-order terms reach parameters.
+
+    Args:
+        root: The node producing the tensor the loss term differentiates.
+        param_ids: Ids of the trainable parameters.
+        self_curved: Calls of modules whose rule gives the second-order term of their
+            own parameters (``own_hessian_term``), with the ids of those parameters;
+            operations inside these calls are skipped for those parameters.
+        describe: Parameter id -> qualified name, for error messages.
+
+    Raises:
+        UnsupportedOperationError: An operation with a parameter below it has a
+            second-order term the engine does not compute.
+    """
+    below = params_below(root, param_ids)
+    covered: dict[Node, frozenset[int]] = {}
+    for rec, own in self_curved:
+        for node in _internal_nodes(rec):
+            covered[node] = covered.get(node, frozenset()) | own
+    sites = []
+    for node in below:
+        name = node_name(node)
+        if name in AFFINE:
+            continue
+        skip = covered.get(node, frozenset())
+        inputs = [(edge, below[edge[0]] - skip if edge[0] is not None else frozenset()) for edge in node.next_functions]
+        if not any(params for _, params in inputs):
+            continue
+        edges = [GradientEdge(e[0], e[1]) for e, _ in inputs]
+        if name in ELEMENTWISE:
+            sites.append(CurvedSite(node, SiteKind.ELEMENTWISE, (edges[0],)))
+        elif name in MULTILINEAR:
+            i, j = MULTILINEAR[name]
+            shared = inputs[i][1] & inputs[j][1]
+            if shared and name == ELEMENTWISE_PRODUCT:
+                sites.append(CurvedSite(node, SiteKind.PRODUCT, (edges[i], edges[j])))
+            elif shared:
+                raise _unsupported(name, describe[min(shared)], "both factors of this product depend on it")
+        else:
+            params = next(p for _, p in inputs if p)
+            raise _unsupported(name, describe[min(params)], "its second derivative is not known to the engine")
+    return sites
+
+
+def _unsupported(name: str, param: str, why: str) -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        f"the exact Hessian needs the second-order term of the operation {name} between parameter '{param}' and "
+        f"the loss, and {why}. DiagGGNExact and the first-order quantities support this model; for DiagHessian, "
+        "replace the operation by a supported one (elementwise activations, products of activations) or use "
+        "secorder_hooks.hessian_diagonal (generic, slower)."
+    )
+
+
+def records_below(sources: Iterable[GradientEdge], records: Iterable[CallRecord]) -> list[CallRecord]:
+    """The records with an output reachable from (or at) any of ``sources``."""
+    reachable: set[Node] = set()
+    for edge in sources:
+        reachable.update(iter_nodes(edge.node))
+    return [rec for rec in records if any(e.node in reachable for e in rec.output_edges)]
