@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import BatchGrad, BatchL2Grad, SumGradSquared, Variance
-from secorder_hooks.rules.base import LayerRule, rule_for, trainable_parameters
+from secorder_hooks.rules.base import LayerRule, rule_for
+from secorder_hooks.rules.generic import example_count, rule_parameters
 
 if TYPE_CHECKING:
     from secorder_hooks.engine.session import Session
@@ -49,7 +50,7 @@ class Contributions:
         for rec in records:
             if rec.module not in result.rules:
                 result.rules[rec.module] = rule_for(rec.module)
-            for name, p in trainable_parameters(rec.module).items():
+            for name, p in rule_parameters(result.rules[rec.module], rec.module).items():
                 result.by_param.setdefault(id(p), []).append((rec, name))
         return result
 
@@ -151,4 +152,5 @@ def assemble_first_order(session: Session, contributions: Contributions, param_g
 
 
 def _batch_size(parts: Sequence[tuple[CallRecord, str]]) -> int:
-    return parts[0][0].output_shapes[0][0]
+    rec = parts[0][0]
+    return example_count(rec.module, rec.inputs, rec.output_shapes)

@@ -40,7 +40,8 @@ from secorder_hooks.quantities import (
     DiagHessian,
     Quantity,
 )
-from secorder_hooks.rules.base import LayerRule, rule_for, trainable_parameters
+from secorder_hooks.rules.base import LayerRule, rule_for
+from secorder_hooks.rules.generic import rule_parameters
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -107,9 +108,9 @@ class CurvaturePlan:
         sites: list[CurvedSite] = []
         if any(isinstance(q, _HESSIAN) for q in session.quantities):
             self_curved = [
-                (rec, frozenset(id(p) for p in trainable_parameters(rec.module).values()))
+                (rec, frozenset(id(p) for p in rule_parameters(rule, rec.module).values()))
                 for rec in session.records
-                if _has_own_term(rule_for(rec.module))
+                if _has_own_term(rule := rule_for(rec.module))
             ]
             sites = find_sites(term.edge.node, set(session.params), self_curved, session.param_names)
         return cls(session, term, sites)
@@ -154,7 +155,7 @@ class CurvaturePlan:
                     rule = contributions.rules[closed.module]
                     terms = rule.output_curvature(closed.module, closed.inputs, weights, into.per_example)
                     for name, value in terms.items():
-                        into.add(id(getattr(closed.module, name)), value)
+                        into.add(id(closed.module.get_parameter(name)), value)
                 targets = [rec for rec in records_below(site.sources, records) if rec is not closed]
                 columns = _one_hot(weights, chunk, product=False)
             else:
@@ -173,7 +174,7 @@ class CurvaturePlan:
             grads = rec.grad_output()
             grads = tuple(g[0] for g in grads) if isinstance(grads, tuple) else grads[0]
             for name, value in rule.own_hessian_term(rec.module, rec.inputs, grads, into.per_example).items():
-                into.add(id(getattr(rec.module, name)), value)
+                into.add(id(rec.module.get_parameter(name)), value)
 
     def _check_examples(self, site: CurvedSite, values: Tensor) -> None:
         if values.dim() == 0 or values.shape[0] != self.batch_size:
@@ -357,7 +358,7 @@ def _closed_form_record(site: CurvedSite, contributions: Contributions) -> CallR
     (source,) = site.sources
     for rec in _records(contributions):
         if source in rec.output_edges and len(rec.output_edges) == 1:
-            params = trainable_parameters(rec.module).values()
+            params = rule_parameters(contributions.rules[rec.module], rec.module).values()
             if all(len(contributions.by_param.get(id(p), ())) == 1 for p in params):
                 return rec
             return None

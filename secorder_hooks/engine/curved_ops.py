@@ -129,7 +129,7 @@ AFFINE = frozenset(
 
 ELEMENTWISE_PRODUCT = "MulBackward0"
 
-MULTILINEAR: dict[str, tuple[int, int]] = {
+MULTILINEAR: dict[str, tuple[int, ...]] = {
     ELEMENTWISE_PRODUCT: (0, 1),
     "MmBackward0": (0, 1),
     "AddmmBackward0": (1, 2),
@@ -141,9 +141,10 @@ MULTILINEAR: dict[str, tuple[int, int]] = {
     "LinearBackward0": (0, 1),
     "ConvolutionBackward0": (0, 1),
     "PreluKernelBackward0": (0, 1),
+    "TrilinearBackward0": (0, 1, 2),
     "NativeBatchNormBackward0": (0, 1),
 }
-"""Nodes linear in each input separately: type name -> positions of the two multiplied inputs."""
+"""Nodes linear in each input separately: type name -> positions of the multiplied inputs."""
 
 
 def _from_result(fn: Callable[[Tensor], Tensor]) -> Callable[[Node], Tensor]:

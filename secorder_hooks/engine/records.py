@@ -103,8 +103,24 @@ class RecordStore:
 
     def __init__(self) -> None:
         self._records: list[CallRecord] = []
-        self.capturing = False
+        self._capturing = False
         self.paused = False
+
+    @property
+    def capturing(self) -> bool:
+        """Whether output hooks store gradients; setting it starts a fresh capture.
+
+        Turning it on forgets the gradients of an earlier backward pass through the same
+        graph (``retain_graph=True``), so each pass yields its own quantities.
+        """
+        return self._capturing
+
+    @capturing.setter
+    def capturing(self, value: bool) -> None:
+        if value and not self._capturing:
+            for rec in self._records:
+                rec.grads = [None] * len(rec.grads)
+        self._capturing = value
 
     def __iter__(self) -> Iterator[CallRecord]:
         return iter(self._records)

@@ -19,6 +19,7 @@ them, so that no Hessian is silently reported as the GGN.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -130,12 +131,12 @@ def find_sites(
         if name in ELEMENTWISE:
             sites.append(CurvedSite(node, SiteKind.ELEMENTWISE, (edges[0],)))
         elif name in MULTILINEAR:
-            i, j = MULTILINEAR[name]
-            shared = inputs[i][1] & inputs[j][1]
-            if shared and name == ELEMENTWISE_PRODUCT:
-                sites.append(CurvedSite(node, SiteKind.PRODUCT, (edges[i], edges[j])))
-            elif shared:
-                raise _unsupported(name, describe[min(shared)], "both factors of this product depend on it")
+            for i, j in itertools.combinations(MULTILINEAR[name], 2):
+                shared = inputs[i][1] & inputs[j][1]
+                if shared and name == ELEMENTWISE_PRODUCT:
+                    sites.append(CurvedSite(node, SiteKind.PRODUCT, (edges[i], edges[j])))
+                elif shared:
+                    raise _unsupported(name, describe[min(shared)], "two factors of this product depend on it")
         else:
             params = next(p for _, p in inputs if p)
             raise _unsupported(name, describe[min(params)], "its second derivative is not known to the engine")

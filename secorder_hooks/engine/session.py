@@ -17,7 +17,8 @@ from secorder_hooks.engine.records import RecordStore
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
-from secorder_hooks.rules.base import trainable_parameters
+from secorder_hooks.rules.base import rule_for
+from secorder_hooks.rules.generic import rule_parameters
 
 __all__ = ["Session"]
 
@@ -51,7 +52,7 @@ class Session:
         self.module_names: dict[nn.Module, str] = {}
         for module_name, module in model.named_modules():
             self.module_names.setdefault(module, module_name)
-            for p_name, p in trainable_parameters(module).items():
+            for p_name, p in rule_parameters(rule_for(module), module).items():
                 self.params[id(p)] = p
                 self.owners.setdefault(id(p), []).append(module)
                 self.param_names.setdefault(id(p), f"{module_name}.{p_name}" if module_name else p_name)
@@ -80,7 +81,7 @@ class Session:
                 seen.add(module)
                 if isinstance(module, _BatchNorm):
                     self._handles.append(module.register_forward_hook(self._check_batchnorm))
-                if trainable_parameters(module):
+                if rule_parameters(rule_for(module), module):
                     self._handles.append(module.register_forward_pre_hook(self._enter_module))
                     self._handles.append(
                         module.register_forward_hook(self._record_call(name), with_kwargs=True, always_call=True)
