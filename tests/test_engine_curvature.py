@@ -160,8 +160,8 @@ def test_monte_carlo_fisher_is_unbiased(name):
     exact = reference.ggn_diagonal(case.model, loss_fn, case.x, case.y)
     generator = torch.Generator().manual_seed(0)
     samples = []
-    for _ in range(400):
-        run(case.model, loss_fn, case.x, case.y, sh.DiagGGNMC(mc_samples=4, generator=generator))
+    for _ in range(100):
+        run(case.model, loss_fn, case.x, case.y, sh.DiagGGNMC(mc_samples=16, generator=generator))
         samples.append(torch.cat([p.diag_ggn_mc.flatten() for p in case.model.parameters()]))
     samples = torch.stack(samples)
     expected = torch.cat([exact[k].flatten() for k, _ in case.model.named_parameters()])
@@ -211,7 +211,7 @@ def test_unsupported_curved_op_is_named():
 
     model, x, y = Softmaxed().double(), torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
     run(model, F.cross_entropy, x, y, *GGN)  # the GGN needs no second derivatives
-    with pytest.raises(sh.UnsupportedOperationError, match="SoftmaxBackward0.*a.weight"):
+    with pytest.raises(sh.UnsupportedOperationError, match="SoftmaxBackward0.*'a.bias'"):
         run(model, F.cross_entropy, x, y, *HESSIAN)
 
 

@@ -92,9 +92,10 @@ def run_backward(
         )
     session.records.paused = True
     try:
-        assemble_first_order(session, contributions, param_grads)
-        if plan is not None:
-            plan.run(contributions)
+        with torch.set_grad_enabled(create_graph):
+            assemble_first_order(session, contributions, param_grads)
+            if plan is not None:
+                plan.run(contributions)
     finally:
         session.records.paused = False
         if not retain_graph:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from secorder_hooks.engine.graph import iter_nodes
 from secorder_hooks.engine.records import CallRecord
 
 __all__ = ["ColumnBlock", "backprop_columns", "chunks"]
@@ -53,14 +56,7 @@ def backprop_columns(
     if not edges:
         return {}
     v = columns[0].shape[0]
-    grads = torch.autograd.grad(
-        list(sources),
-        edges,
-        grad_outputs=list(columns),
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=True,
-    )
+    grads = _vector_jacobian_products(list(sources), edges, list(columns))
     result: ColumnBlock = {}
     position = 0
     for rec in records:
@@ -71,3 +67,35 @@ def backprop_columns(
             position += 1
         result[id(rec)] = tuple(outputs)
     return result
+
+
+_LOOPED: set[frozenset[str]] = set()
+"""Graph signatures (sets of node types) on which batched backward fell back to a slow loop."""
+
+
+def _vector_jacobian_products(
+    sources: list[GradientEdge], edges: list[GradientEdge], columns: list[Tensor]
+) -> list[Tensor | None]:
+    """``[V, *edge]`` products for every edge: batched, or a loop over columns where faster.
+
+    ``is_grads_batched`` vmaps the backward formulas; for operations without a batching
+    rule (convolution and max-pooling backward, among others) PyTorch falls back to a
+    per-column loop with extra copies, and a plain loop is faster. Such graphs are
+    remembered by the set of their node types.
+    """
+    signature = frozenset(type(node).__name__ for edge in sources for node in iter_nodes(edge.node))
+    if signature not in _LOOPED:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = torch.autograd.grad(
+                sources, edges, grad_outputs=columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        if not any("batching rule" in str(w.message) for w in caught):
+            return list(grads)
+        _LOOPED.add(signature)
+        return list(grads)
+    per_column = [
+        torch.autograd.grad(sources, edges, grad_outputs=[c[i] for c in columns], retain_graph=True, allow_unused=True)
+        for i in range(columns[0].shape[0])
+    ]
+    return [None if g[0] is None else torch.stack(g) for g in zip(*per_column)]

@@ -41,6 +41,9 @@ class EngineMode(TorchFunctionMode):
         result = func(*args, **kwargs)
         if func in LOSS_FUNCTIONS:
             self.session.loss_calls.append(make_loss_call(func, args, kwargs, result))
-        elif isinstance(result, Tensor) and result.requires_grad and torch.is_grad_enabled():
-            self.session.check_parameter_use(args, kwargs, result)
+        elif torch.is_grad_enabled():
+            # composite functions may return several tensors (e.g. F.multi_head_attention_forward)
+            for out in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(out, Tensor) and out.requires_grad:
+                    self.session.check_parameter_use(args, kwargs, out)
         return result

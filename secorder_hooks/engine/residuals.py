@@ -136,11 +136,16 @@ def find_sites(
                 if shared and name == ELEMENTWISE_PRODUCT:
                     sites.append(CurvedSite(node, SiteKind.PRODUCT, (edges[i], edges[j])))
                 elif shared:
-                    raise _unsupported(name, describe[min(shared)], "two factors of this product depend on it")
+                    raise _unsupported(name, _first(shared, describe), "two factors of this product depend on it")
         else:
             params = next(p for _, p in inputs if p)
-            raise _unsupported(name, describe[min(params)], "its second derivative is not known to the engine")
+            raise _unsupported(name, _first(params, describe), "its second derivative is not known to the engine")
     return sites
+
+
+def _first(params: frozenset[int], describe: dict[int, str]) -> str:
+    """The alphabetically first name among ``params`` (deterministic messages)."""
+    return min(describe[key] for key in params)
 
 
 def _unsupported(name: str, param: str, why: str) -> UnsupportedOperationError:
