@@ -16,16 +16,66 @@ in expectation.
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from secorder_hooks.errors import UnsupportedLossError
+from secorder_hooks.errors import SecorderError, UnsupportedLossError
 
-__all__ = ["LossTerm", "SqrtColumns", "one_hot_columns"]
+__all__ = [
+    "LossInputError",
+    "LossTerm",
+    "Reduction",
+    "SqrtColumns",
+    "edge_of",
+    "diagonal_sqrt_columns",
+    "one_hot_columns",
+    "signed_sqrt",
+]
+
+
+class LossInputError(SecorderError, ValueError):
+    """The prediction, target or an option passed to a loss is invalid (shape, dtype, value)."""
+
+
+class Reduction(enum.Enum):
+    r"""Reductions that give a scalar loss :math:`L = c \sum_n \ell_n`."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+    @classmethod
+    def parse(cls, value: str | Reduction, loss_name: str = "loss") -> Reduction:
+        """The reduction named ``value``.
+
+        Raises:
+            UnsupportedLossError: ``value`` is ``"none"`` or unknown (the curvature needs a scalar loss).
+        """
+        if isinstance(value, Reduction):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise UnsupportedLossError(
+                f"{loss_name} with reduction={value!r}: curvature quantities need a scalar loss; "
+                f"use reduction='mean' or 'sum'."
+            ) from None
+
+
+def edge_of(tensor: Tensor) -> GradientEdge | None:
+    """Gradient edge of ``tensor`` (``None`` where it does not require grad)."""
+    return get_gradient_edge(tensor) if tensor.requires_grad else None
+
+
+def signed_sqrt(factors: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(sqrt(|a|), sign(a))`` of Hessian factors ``a``; the sign is ``None`` where all ``a >= 0``."""
+    if bool((factors < 0).any()):
+        return factors.abs().sqrt(), factors.sign()
+    return factors.sqrt(), None
 
 
 @dataclass(frozen=True)
@@ -89,3 +139,19 @@ def one_hot_columns(shape: torch.Size, scale: Tensor, dtype: torch.dtype, device
         1, n, k
     )
     return cols.reshape(k, *shape)
+
+
+def diagonal_sqrt_columns(hessian_diagonal: Tensor) -> SqrtColumns:
+    r"""Exact columns of an elementwise (diagonal) loss Hessian.
+
+    Args:
+        hessian_diagonal: ``[N, *f]``, :math:`h` with :math:`\partial^2 L / \partial f^2 = \operatorname{diag}(h)`.
+
+    Returns:
+        ``K = prod(f)`` columns ``sqrt(|h_k|) e_k`` (``[K, N, *f]``) with weights ``sign(h_k)``
+        (``[K, N]``, ``None`` where ``h >= 0``).
+    """
+    scale, sign = signed_sqrt(hessian_diagonal)
+    columns = one_hot_columns(hessian_diagonal.shape, scale, hessian_diagonal.dtype, hessian_diagonal.device)
+    weights = None if sign is None else sign.reshape(hessian_diagonal.shape[0], -1).T
+    return SqrtColumns(columns, weights)

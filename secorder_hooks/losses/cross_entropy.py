@@ -1,0 +1,235 @@
+r"""Cross-entropy over logits and negative log-likelihood over ``log_softmax`` outputs.
+
+Both are, as functions of the logits :math:`x` (class axis 1 of ``[N, C, *d]``), a sum
+over positions :math:`i` (an example ``n`` and a location in ``*d``) of
+
+.. math::
+    L = \sum_i \big(-\textstyle\sum_c q_{ic} \log \operatorname{softmax}(x_i)_c\big)
+    \quad\Rightarrow\quad
+    \frac{\partial^2 L}{\partial x_i^2} = a_i \big(\operatorname{diag}(p_i) - p_i p_i^\top\big),
+    \qquad a_i = \textstyle\sum_c q_{ic},
+
+with :math:`p_i = \operatorname{softmax}(x_i)`, since the Hessian of every
+:math:`-\log \operatorname{softmax}(x)_c` is :math:`\operatorname{diag}(p) - pp^\top`. PyTorch's
+options only change :math:`a_i` (the reduction factor :math:`c` included):
+
+* class indices :math:`y_i`, class weights :math:`w`, label smoothing :math:`\varepsilon`:
+  :math:`a_i = c\,[(1-\varepsilon)\, w_{y_i} + \tfrac{\varepsilon}{C} \sum_c w_c]`, zero where
+  :math:`y_i` is ``ignore_index``; ``mean``: :math:`c = 1 / \sum_{i \text{ counted}} w_{y_i}`.
+* class probabilities :math:`t_i`: :math:`a_i = c \sum_c w_c [(1-\varepsilon) t_{ic} + \varepsilon / C]`;
+  ``mean``: :math:`c = 1 / (\text{number of positions})`.
+
+Exact square root: column :math:`k` of position :math:`i` is
+:math:`\sqrt{a_i p_{ik}}\,(e_k - p_i)`, because
+:math:`\sum_k p_k (e_k - p)(e_k - p)^\top = \operatorname{diag}(p) - pp^\top`. Monte-Carlo: the
+same expectation with :math:`k \sim p_i` sampled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+from secorder_hooks.errors import UnsupportedLossError
+from secorder_hooks.losses.base import LossInputError, LossTerm, Reduction, SqrtColumns, edge_of, signed_sqrt
+
+__all__ = ["CrossEntropyLossTerm", "NLLLossTerm", "SoftmaxLossTerm"]
+
+
+class SoftmaxLossTerm(LossTerm):
+    r"""Loss with Hessian :math:`a_i (\operatorname{diag}(p_i) - p_i p_i^\top)` at every position of the logits.
+
+    Args:
+        probs: ``[N, C, *d]`` softmax probabilities over axis 1 (detached).
+        factors: ``[N, *d]`` factors :math:`a_i`, reduction factor included.
+        edge: Gradient edge of the logits.
+        name: Name used in messages.
+    """
+
+    def __init__(self, probs: Tensor, factors: Tensor, edge: GradientEdge | None, name: str) -> None:
+        self.probs, self.factors, self.edge, self.name = probs, factors, edge, name
+        self.shape = probs.shape
+
+    def sqrt_hessian(self) -> SqrtColumns:
+        r"""``K = C * prod(d)`` exact columns; column ``(k, j)`` lives at position ``j`` only.
+
+        Returns:
+            Columns ``[C * prod(d), N, C, *d]`` (class-major order) and weights ``[K, N]`` (signs of
+            :math:`a`, ``None`` where all :math:`a \ge 0`). Positions need separate columns: sharing
+            one column across positions would add cross-position terms to the example's block.
+        """
+        n, n_classes, positions = self.shape[0], self.shape[1], self.shape[2:]
+        n_pos = math.prod(positions)
+        p = self.probs.reshape(n, n_classes, n_pos)
+        scale, sign = signed_sqrt(self.factors.reshape(n, n_pos))  # [N, D]
+        eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
+        # cols[k, n, c, j] = sqrt(a_nj p_nkj) (delta_kc - p_ncj)
+        cols = (eye[:, None, :, None] - p[None]) * (p.sqrt() * scale[:, None, :]).transpose(0, 1)[:, :, None, :]
+        if n_pos == 1:
+            columns = cols.reshape(n_classes, *self.shape)
+            weights = None if sign is None else sign.T.expand(n_classes, n)
+            return SqrtColumns(columns, weights)
+        local = torch.eye(n_pos, dtype=p.dtype, device=p.device)
+        columns = torch.einsum("kncj,ji->kjnci", cols, local).reshape(n_classes * n_pos, *self.shape)
+        weights = None if sign is None else sign.T[None].expand(n_classes, n_pos, n).reshape(-1, n)
+        return SqrtColumns(columns, weights)
+
+    def sample_sqrt_hessian(self, mc_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        r"""``[M, N, C, *d]`` columns :math:`\sqrt{a_i / M}\,(p_i - e_{y_{mi}})` with :math:`y_{mi} \sim p_i`.
+
+        Targets are drawn independently per sample and position, so cross-position terms vanish
+        in expectation and one column per sample suffices.
+        """
+        if bool((self.factors < 0).any()):
+            raise UnsupportedLossError(
+                f"{self.name}: Monte-Carlo sampling needs non-negative per-position weights; this loss has "
+                f"negative ones (negative class weights or targets). Use an exact quantity instead."
+            )
+        n_classes = self.shape[1]
+        flat = self.probs.movedim(1, -1).reshape(-1, n_classes)  # [N*D, C]
+        draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)  # [N*D, M]
+        one_hot = F.one_hot(draws.T, n_classes).to(flat.dtype)  # [M, N*D, C]
+        scale = (self.factors.reshape(-1, 1) / mc_samples).sqrt()
+        cols = (flat[None] - one_hot) * scale
+        return cols.reshape(mc_samples, self.shape[0], *self.shape[2:], n_classes).movedim(-1, 2)
+
+
+def _check_logits(x: Tensor, name: str) -> None:
+    if x.dim() < 2:
+        raise UnsupportedLossError(
+            f"{name} on an unbatched input of shape {tuple(x.shape)}: pass a batch [N, C, *d] "
+            f"(e.g. input.unsqueeze(0)), dim 0 is the example axis."
+        )
+
+
+def _index_target_factors(
+    target: Tensor,
+    n_classes: int,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: Reduction,
+    label_smoothing: float,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``[N, *d]`` factors :math:`a_i` for class-index targets (see module docstring)."""
+    mask = target != ignore_index
+    safe = target.masked_fill(~mask, 0)
+    counted = mask.to(dtype)
+    if weight is None:
+        w_target = counted
+        w_total = float(n_classes)
+    else:
+        weight = weight.detach().to(dtype)
+        w_target = weight[safe] * counted
+        w_total = weight.sum()
+    factors = (1.0 - label_smoothing) * w_target + (label_smoothing / n_classes) * w_total * counted
+    if reduction is Reduction.MEAN:
+        factors = factors / w_target.sum()
+    return factors
+
+
+def _check_index_target(x: Tensor, target: Tensor, name: str) -> None:
+    expected = (x.shape[0], *x.shape[2:])
+    if target.shape != expected:
+        raise LossInputError(
+            f"{name}: class-index target has shape {tuple(target.shape)}, expected {expected} for input "
+            f"{tuple(x.shape)} (classes on axis 1)."
+        )
+
+
+class CrossEntropyLossTerm(SoftmaxLossTerm):
+    """``F.cross_entropy(logits, target, ...)`` as a function of the logits ``[N, C, *d]``.
+
+    Supports class-index targets (``[N, *d]``, integer) and class-probability targets (floating,
+    shape of ``logits``), ``weight``, ``ignore_index``, ``label_smoothing``, ``mean``/``sum``.
+    """
+
+    def __init__(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        *,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str | Reduction = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        name = "cross_entropy"
+        _check_logits(logits, name)
+        red = Reduction.parse(reduction, name)
+        x = logits.detach()
+        n_classes = x.shape[1]
+        if target.is_floating_point():
+            if target.shape != x.shape:
+                raise LossInputError(
+                    f"{name}: probability target has shape {tuple(target.shape)}, expected the input's "
+                    f"{tuple(x.shape)} (or pass integer class indices)."
+                )
+            t = target.detach().to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / n_classes
+            if weight is not None:
+                view = [1, n_classes] + [1] * (x.dim() - 2)
+                t = t * weight.detach().to(x.dtype).reshape(view)
+            factors = t.sum(1)
+            if red is Reduction.MEAN:
+                factors = factors / (x.numel() // n_classes)
+        else:
+            _check_index_target(x, target, name)
+            factors = _index_target_factors(target, n_classes, weight, ignore_index, red, label_smoothing, x.dtype)
+        super().__init__(torch.softmax(x, dim=1), factors, edge_of(logits), name)
+
+
+def _log_softmax_edge(log_probs: Tensor, name: str) -> GradientEdge | None:
+    """Edge of the input of the ``log_softmax`` over axis 1 that produced ``log_probs``."""
+    node = log_probs.grad_fn
+    if node is None or node.name() != "LogSoftmaxBackward0":
+        found = "no autograd history" if node is None else node.name()
+        raise UnsupportedLossError(
+            f"{name}: the loss Hessian is known only when the input is the direct output of "
+            f"log_softmax over the class axis (found {found}). Use F.cross_entropy on the logits, or "
+            f"apply log_softmax(dim=1) immediately before {name}."
+        )
+    dim = int(node._saved_dim)
+    if dim >= 2**63:  # stored as an unsigned 64-bit integer
+        dim -= 2**64
+    if dim % log_probs.dim() != 1:
+        raise UnsupportedLossError(
+            f"{name}: log_softmax was taken over dim {dim} of a {log_probs.dim()}-d input, but the classes "
+            f"of {name} are on dim 1; take log_softmax over dim 1."
+        )
+    next_node, input_nr = node.next_functions[0]
+    return None if next_node is None else GradientEdge(next_node, input_nr)
+
+
+class NLLLossTerm(SoftmaxLossTerm):
+    """``F.nll_loss(log_softmax(logits, 1), target, ...)`` as a function of the logits.
+
+    The Hessian of ``nll_loss`` with respect to its own input is zero; the curvature lives at
+    the logits, so :attr:`edge` is the input edge of the ``log_softmax`` node.
+
+    Raises:
+        UnsupportedLossError: ``log_probs`` is not the direct output of ``log_softmax`` over axis 1.
+    """
+
+    def __init__(
+        self,
+        log_probs: Tensor,
+        target: Tensor,
+        *,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str | Reduction = "mean",
+    ) -> None:
+        name = "nll_loss"
+        _check_logits(log_probs, name)
+        red = Reduction.parse(reduction, name)
+        edge = _log_softmax_edge(log_probs, name)
+        x = log_probs.detach()
+        if target.is_floating_point():
+            raise LossInputError(f"{name}: target must hold integer class indices, got {target.dtype}.")
+        _check_index_target(x, target, name)
+        factors = _index_target_factors(target, x.shape[1], weight, ignore_index, red, 0.0, x.dtype)
+        super().__init__(x.exp(), factors, edge, name)
