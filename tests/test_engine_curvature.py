@@ -13,7 +13,7 @@ from tests import reference, zoo
 GGN = (sh.DiagGGNExact(), sh.BatchDiagGGNExact())
 HESSIAN = (sh.DiagHessian(), sh.BatchDiagHessian())
 # Models whose exact Hessian needs a second-order term the engine refuses, with the op it names.
-HESSIAN_REFUSED = {"called_twice": "AddmmBackward0", "sequence": "NativeLayerNormBackward0"}
+HESSIAN_REFUSED = {"called_twice": "AddmmBackward0"}
 
 
 def run(model, loss_fn, x, y, *quantities, **options):
@@ -200,18 +200,45 @@ def test_penalty_through_parameter_is_refused():
         run(case.model, lambda o, y: F.cross_entropy(o, y) + weight.square().sum(), case.x, case.y, *GGN)
 
 
+class RowWise(nn.Module):
+    """Softmax, log-softmax, layer and group norm between layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.norm, self.groups = nn.LayerNorm(6), nn.GroupNorm(2, 6)
+
+    def forward(self, x):
+        h = self.norm(self.a(x))
+        h = torch.softmax(self.b(h), dim=1) + F.log_softmax(h, dim=-1)
+        return self.c(self.groups(h))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rowwise_curved_ops(reduction):
+    torch.manual_seed(0)
+    model, x, y = RowWise().double(), torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+
+    def loss_fn(o, t):
+        return F.cross_entropy(o, t, reduction=reduction)
+
+    run(model, loss_fn, x, y, *HESSIAN, column_chunk_size=7)
+    assert_matches(model, "diag_h", reference.hessian_diagonal(model, loss_fn, x, y))
+    assert_matches(model, "diag_h_batch", reference.per_example_hessian_diagonal(model, loss_fn, x, y))
+
+
 def test_unsupported_curved_op_is_named():
-    class Softmaxed(nn.Module):
+    class Atan(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.b(torch.softmax(self.a(x), dim=1))
+            return self.b(torch.atan(self.a(x)))
 
-    model, x, y = Softmaxed().double(), torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    model, x, y = Atan().double(), torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
     run(model, F.cross_entropy, x, y, *GGN)  # the GGN needs no second derivatives
-    with pytest.raises(sh.UnsupportedOperationError, match="SoftmaxBackward0.*'a.bias'"):
+    with pytest.raises(sh.UnsupportedOperationError, match="AtanBackward0.*'a.bias'"):
         run(model, F.cross_entropy, x, y, *HESSIAN)
 
 

@@ -29,6 +29,7 @@ from secorder_hooks.engine.columns import backprop_columns
 from secorder_hooks.engine.curved_ops import second_derivative
 from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
 from secorder_hooks.engine.records import CallRecord
+from secorder_hooks.engine.rowwise import block_columns, row_blocks
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
 from secorder_hooks.errors import ExtensionError, UnsupportedOperationError
 from secorder_hooks.losses.base import LossTerm, SqrtColumns
@@ -158,6 +159,13 @@ class CurvaturePlan:
                         into.add(id(closed.module.get_parameter(name)), value)
                 targets = [rec for rec in records_below(site.sources, records) if rec is not closed]
                 columns = _one_hot(weights, chunk, product=False)
+            elif site.kind is SiteKind.ROWWISE:
+                blocks, to_input = row_blocks(site.node, site.grad)
+                self._check_rows(site, blocks)
+                targets = records_below(site.sources, records)
+                columns = (
+                    ((to_input(cols),), w) for cols, w in block_columns(blocks, self.batch_size, chunk)
+                )
             else:
                 self._check_products(site)
                 self._check_examples(site, site.grad)
@@ -182,6 +190,14 @@ class CurvaturePlan:
                 f"the exact Hessian needs the second-order term of {type(site.node).__name__} on a tensor of shape "
                 f"{tuple(values.shape)}, whose dim 0 is not the {self.batch_size} examples of the batch. Keep "
                 "examples on dim 0 of activations, or use DiagGGNExact."
+            )
+
+    def _check_rows(self, site: CurvedSite, blocks: Tensor) -> None:
+        if blocks.shape[0] % self.batch_size:
+            raise UnsupportedOperationError(
+                f"the exact Hessian needs the second-order term of {type(site.node).__name__} over "
+                f"{blocks.shape[0]} rows, which cannot be split among the {self.batch_size} examples (does it "
+                "normalize over the batch?). Use DiagGGNExact."
             )
 
     @staticmethod

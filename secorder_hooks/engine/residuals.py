@@ -7,7 +7,9 @@ every curved operation between a parameter and :math:`f`,
   (\partial a_e / \partial\theta)^2` with :math:`r = \partial L / \partial h`;
 * elementwise product :math:`h = u \odot v` with both factors depending on
   :math:`\theta`: :math:`\sum_e 2 r_e\, (\partial u_e/\partial\theta)
-  (\partial v_e/\partial\theta)`.
+  (\partial v_e/\partial\theta)`;
+* row-wise :math:`h_\rho = \phi(a_\rho)` (softmax, layer norm, ...): the blocks of
+  :mod:`secorder_hooks.engine.rowwise`.
 
 :func:`find_sites` walks the autograd graph below :math:`f` once, before the backward
 pass, and returns these *sites*; :math:`r` is captured at each site's node during the
@@ -29,6 +31,7 @@ from torch.autograd.graph import GradientEdge, Node
 from secorder_hooks.engine.curved_ops import AFFINE, ELEMENTWISE, ELEMENTWISE_PRODUCT, MULTILINEAR, node_name
 from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable
 from secorder_hooks.engine.records import CallRecord
+from secorder_hooks.engine.rowwise import ROWWISE
 from secorder_hooks.errors import UnsupportedOperationError
 
 __all__ = ["SiteKind", "CurvedSite", "find_sites", "params_below", "records_below"]
@@ -39,6 +42,7 @@ class SiteKind(enum.Enum):
 
     ELEMENTWISE = "elementwise"
     PRODUCT = "product"
+    ROWWISE = "rowwise"
 
 
 @dataclass(eq=False)
@@ -128,8 +132,10 @@ def find_sites(
         if not any(params for _, params in inputs):
             continue
         edges = [GradientEdge(e[0], e[1]) for e, _ in inputs]
-        if name in ELEMENTWISE:
-            sites.append(CurvedSite(node, SiteKind.ELEMENTWISE, (edges[0],)))
+        if name in ELEMENTWISE or name in ROWWISE:
+            kind = SiteKind.ELEMENTWISE if name in ELEMENTWISE else SiteKind.ROWWISE
+            if inputs[0][1]:
+                sites.append(CurvedSite(node, kind, (edges[0],)))
         elif name in MULTILINEAR:
             for i, j in itertools.combinations(MULTILINEAR[name], 2):
                 shared = inputs[i][1] & inputs[j][1]
