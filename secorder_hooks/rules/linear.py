@@ -1,20 +1,130 @@
-r"""Rule for :class:`torch.nn.Linear` on inputs ``[N, *, in]``.
+r"""Rule for :class:`torch.nn.Linear` on inputs ``[N, *, in]``, and the outer-product sums it shares.
 
 With :math:`y_{nt} = W x_{nt} + b` over positions ``t`` of example ``n`` (none for 2-D
 input), the per-example gradients of a vector :math:`g` at the output are
 :math:`\sum_t g_{nt} x_{nt}^\top` and :math:`\sum_t g_{nt}`. For 2-D inputs the squared
-sums and norms factorize and never materialize ``[V, N, out, in]``.
+sums and norms factorize and never materialize ``[V, N, out, in]``; with positions the
+norms use the Gram trick :math:`\|\sum_t g_t x_t^\top\|^2 = \sum_{t,s} (g_t^\top g_s)(x_t^\top x_s)`
+when that is cheaper, and the squared sums materialize in chunks of vectors.
+
+The helpers :func:`outer_sums`, :func:`outer_sum_squared_norms` and
+:func:`outer_sum_weighted_squares` work on *grouped* position-summed outer products
+(``x`` ``[N, G, T, I]``, ``g`` ``[V, N, G, T, O]``); a convolution is such a product over
+its unfolded input patches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 
-
+import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule
+
+__all__ = [
+    "LinearRule",
+    "NormStrategy",
+    "outer_sums",
+    "outer_sum_squared_norms",
+    "outer_sum_weighted_squares",
+]
+
+#: Upper bound on the elements of one materialized chunk ``[v, N, G, O, I]``.
+CHUNK_ELEMENTS = 2**24
+
+
+class NormStrategy(Enum):
+    """How :func:`outer_sum_squared_norms` computes the norms."""
+
+    AUTO = "auto"
+    """Pick the cheaper of the two by a flop count."""
+    MATERIALIZE = "materialize"
+    """Form :math:`\\sum_t g_t x_t^\\top` (in chunks of vectors) and square it."""
+    GRAM = "gram"
+    """:math:`\\sum_{t,s} (g_t^\\top g_s)(x_t^\\top x_s)`, never forming the outer products."""
+
+
+def _chunks(v: int, per_vector: int) -> list[slice]:
+    """Slices of ``range(v)`` whose materialized size stays below :data:`CHUNK_ELEMENTS`."""
+    size = max(1, CHUNK_ELEMENTS // max(per_vector, 1))
+    return [slice(i, min(i + size, v)) for i in range(0, v, size)]
+
+
+def outer_sums(g: Tensor, x: Tensor) -> Tensor:
+    r"""Per-example grouped outer-product sums :math:`\sum_t g_{vngt} x_{ngt}^\top`.
+
+    Args:
+        g: ``[V, N, G, T, O]`` output vectors.
+        x: ``[N, G, T, I]`` inputs.
+
+    Returns:
+        ``[V, N, G, O, I]``.
+    """
+    return einsum(g, x, "v n g t o, n g t i -> v n g o i")
+
+
+def outer_sum_squared_norms(g: Tensor, x: Tensor, strategy: NormStrategy = NormStrategy.AUTO) -> Tensor:
+    r""":math:`\sum_g \|\sum_t g_{vngt} x_{ngt}^\top\|_F^2`, exactly (cross-position terms included).
+
+    Args:
+        g: ``[V, N, G, T, O]`` output vectors.
+        x: ``[N, G, T, I]`` inputs.
+        strategy: Gram trick, materialization, or the cheaper by flop count.
+
+    Returns:
+        ``[V, N]``.
+    """
+    v, n, groups, t, o = g.shape
+    i = x.shape[-1]
+    if strategy is NormStrategy.AUTO:
+        gram_flops = n * groups * t * t * (i + v * o)
+        materialize_flops = v * n * groups * t * o * i
+        strategy = NormStrategy.GRAM if gram_flops < materialize_flops else NormStrategy.MATERIALIZE
+    if strategy is NormStrategy.MATERIALIZE:
+        parts = [outer_sums(g[s], x).square().sum((2, 3, 4)) for s in _chunks(v, n * groups * o * i)]
+        return torch.cat(parts)
+    x_gram = einsum(x, x, "n g t i, n g s i -> n g t s")
+    parts = [
+        einsum(einsum(g[s], g[s], "v n g t o, v n g s o -> v n g t s"), x_gram, "v n g t s, n g t s -> v n")
+        for s in _chunks(v, n * groups * t * t)
+    ]
+    return torch.cat(parts)
+
+
+def outer_sum_weighted_squares(g: Tensor, x: Tensor, weights: Tensor | None, per_example: bool) -> Tensor:
+    r""":math:`\sum_v w_{vn} (\sum_t g_{vngt} x_{ngt}^\top)^2`, summed over ``n`` unless ``per_example``.
+
+    Without positions (``T = 1``) this factorizes as :math:`\sum_v w_{vn} g_{vn}^2 (x_n^2)^\top`;
+    otherwise the outer-product sums are materialized in chunks of vectors.
+
+    Args:
+        g: ``[V, N, G, T, O]`` output vectors.
+        x: ``[N, G, T, I]`` inputs.
+        weights: ``[V, N]`` or ``None`` (all ones).
+        per_example: Keep the example axis.
+
+    Returns:
+        ``[N, G, O, I]`` if ``per_example`` else ``[G, O, I]``.
+    """
+    v, n, groups, t, o = g.shape
+    if t == 1:
+        g_sq = g[:, :, :, 0].square()
+        if weights is not None:
+            g_sq = g_sq * weights[:, :, None, None]
+        pattern = "n g o, n g i -> n g o i" if per_example else "n g o, n g i -> g o i"
+        return einsum(g_sq.sum(0), x[:, :, 0].square(), pattern)
+    total = None
+    for s in _chunks(v, n * groups * o * x.shape[-1]):
+        sq = outer_sums(g[s], x).square()
+        if weights is not None:
+            sq = sq * weights[s, :, None, None, None]
+        part = sq.sum(0) if per_example else sq.sum((0, 1))
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def _flat_positions(x: Tensor) -> Tensor:
@@ -22,12 +132,19 @@ def _flat_positions(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _grouped(x: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    """Linear input ``[N, *, I]`` and vectors ``[V, N, *, O]`` as one group: ``[N, 1, T, I]``, ``[V, N, 1, T, O]``."""
+    g = grad_output.reshape(*grad_output.shape[:2], 1, -1, grad_output.shape[-1])
+    return _flat_positions(x).unsqueeze(1), g
+
+
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
     """Exact per-example quantities of ``nn.Linear`` (any number of position axes)."""
 
     def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
-        x = _flat_positions(inputs[0])
+        """``{name: [V, N, *p.shape]}``: per-example gradients of each vector (see the module docstring)."""
+        x = _flat_positions(inputs[0].detach())
         g = grad_output.reshape(*grad_output.shape[:2], -1, grad_output.shape[-1])
         grads: ParamDict = {}
         if module.weight.requires_grad:
@@ -44,38 +161,33 @@ class LinearRule(LayerRule):
         weights: Tensor | None,
         per_example: bool,
     ) -> ParamDict:
-        if inputs[0].dim() != 2:
-            return super().weighted_squared_sum(module, inputs, grad_output, weights, per_example)
-        x = inputs[0]
-        g_sq = grad_output.square()
-        if weights is not None:
-            g_sq = g_sq * weights.unsqueeze(-1)
-        g_sq = g_sq.sum(0)  # [N, out]
+        r"""``{name: [N, *p] or p.shape}``: :math:`\sum_v w_{vn} (g^{(v)}_n)^2` (over ``n`` unless ``per_example``)."""
+        x, g = _grouped(inputs[0].detach(), grad_output)
         result: ParamDict = {}
         if module.weight.requires_grad:
-            if per_example:
-                result["weight"] = einsum(g_sq, x.square(), "n o, n i -> n o i")
-            else:
-                result["weight"] = g_sq.T @ x.square()
+            result["weight"] = outer_sum_weighted_squares(g, x, weights, per_example).squeeze(-3)
         if module.bias is not None and module.bias.requires_grad:
-            result["bias"] = g_sq if per_example else g_sq.sum(0)
+            b_sq = g.sum(3)[:, :, 0].square()
+            if weights is not None:
+                b_sq = b_sq * weights.unsqueeze(-1)
+            result["bias"] = b_sq.sum(0) if per_example else b_sq.sum((0, 1))
         return result
 
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
-        if inputs[0].dim() != 2:
-            return super().squared_norms(module, inputs, grad_output)
-        g_norm = grad_output.square().sum(-1)  # [V, N]
+        r"""``{name: [V, N]}``: :math:`\|g^{(v)}_n\|^2` per parameter tensor."""
+        x, g = _grouped(inputs[0].detach(), grad_output)
         result: ParamDict = {}
         if module.weight.requires_grad:
-            result["weight"] = g_norm * inputs[0].square().sum(-1)
+            result["weight"] = outer_sum_squared_norms(g, x)
         if module.bias is not None and module.bias.requires_grad:
-            result["bias"] = g_norm
+            result["bias"] = g.sum(3).square().sum((2, 3))
         return result
 
     def output_curvature(
         self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor, per_example: bool
     ) -> ParamDict:
-        x_sq = _flat_positions(inputs[0]).square()
+        r"""``{name: [N, *p] or p.shape}``: :math:`\sum_e r_{ne} (\partial \mathrm{out}_{ne} / \partial\theta)^2`."""
+        x_sq = _flat_positions(inputs[0].detach()).square()
         r = rearrange(output_weights, "n ... o -> n (...) o")
         result: ParamDict = {}
         if module.weight.requires_grad:
@@ -84,6 +196,3 @@ class LinearRule(LayerRule):
         if module.bias is not None and module.bias.requires_grad:
             result["bias"] = r.sum(1) if per_example else r.sum((0, 1))
         return result
-
-
-__all__ = ["LinearRule"]
