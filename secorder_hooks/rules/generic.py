@@ -1,43 +1,466 @@
-"""Generic fallback rule: per-example gradients of any module by ``torch.func``.
+r"""Generic fallback rule: exact per-example quantities of any module by ``torch.func``.
 
-Placeholder implementation; see the generic-rule issue work.
+The module is treated as a leaf: with :math:`\mathrm{out}_n(\theta)` the part of its
+output that belongs to example ``n`` (a function of the module's own trainable
+parameters :math:`\theta` and of example ``n``'s inputs only), the per-example gradient
+of a vector :math:`g` at the output is :math:`\partial (g_n^\top \mathrm{out}_n) /
+\partial\theta`, computed with :func:`torch.func.vjp` and vectorized over examples with
+:func:`torch.func.vmap` (or a loop where the module's operators have no batching rule).
+
+Where the example axis is comes from a :class:`BatchLayout`, looked up along the class MRO
+like the rules. The default puts examples on dim 0 of every output and of every input
+tensor whose dim 0 has ``N`` entries; other inputs (a shared mask, a table) are passed
+unchanged to every example. :class:`torch.nn.MultiheadAttention` and the recurrent
+modules, whose example axis is 1 unless ``batch_first``, have layouts registered below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten
+from torch.func import functional_call, grad, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
-from secorder_hooks.rules.base import LayerRule, ParamDict, trainable_parameters
+from secorder_hooks.errors import UnsupportedModuleError
+from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, trainable_parameters
 
-__all__ = ["GenericRule", "GENERIC_RULE"]
+__all__ = [
+    "BatchLayout",
+    "GenericRule",
+    "GENERIC_RULE",
+    "batch_layout_for",
+    "example_count",
+    "register_batch_layout",
+    "rule_parameters",
+]
+
+Outputs = tuple[Tensor, ...]
 
 
+# ----------------------------------------------------------------------------- layouts
+class BatchLayout:
+    """Where the example axis of one module type's calls is.
+
+    The default: dim 0 of every differentiable output, and dim 0 of every input tensor
+    (positional or keyword, nested in tuples/lists/dicts) whose dim 0 has ``N`` entries.
+
+    Attributes:
+        vectorize: Whether examples may be processed with :func:`torch.func.vmap`. Set it
+            to ``False`` for modules whose operators lack batching rules (examples are then
+            processed one by one, each as a batch of one).
+    """
+
+    vectorize: bool = True
+
+    def output_axes(self, module: nn.Module, inputs: Sequence[Any]) -> tuple[int, ...]:
+        """Example axis of each differentiable output (aligned with ``inputs.differentiable_outputs``)."""
+        return (0,) * len(_output_indices(inputs))
+
+    def input_axes(self, module: nn.Module, inputs: Sequence[Any], n: int) -> tuple[tuple, dict]:
+        """Example axis (int) or ``None`` (shared) for each positional and keyword argument.
+
+        Each entry may be a prefix pytree (one axis for a whole tuple of tensors);
+        non-tensor leaves are always shared.
+        """
+
+        def axis(x: Any) -> int | None:
+            return 0 if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n else None
+
+        args = tuple(_map_leaves(axis, a) for a in inputs)
+        return args, {k: _map_leaves(axis, v) for k, v in _kwargs(inputs).items()}
+
+    def example_count(self, module: nn.Module, inputs: Sequence[Any], output_shapes: Sequence[torch.Size]) -> int:
+        """Number of examples ``N`` of a call whose differentiable outputs have ``output_shapes``."""
+        return output_shapes[0][self.output_axes(module, inputs)[0]]
+
+
+_LAYOUTS: dict[type[nn.Module], BatchLayout] = {}
+_DEFAULT_LAYOUT = BatchLayout()
+L = TypeVar("L", BatchLayout, type[BatchLayout])
+
+
+def register_batch_layout(module_class: type[nn.Module]) -> Callable[[L], L]:
+    """Decorator registering a :class:`BatchLayout` (class or instance) for ``module_class`` and subclasses."""
+
+    def decorator(layout: L) -> L:
+        _LAYOUTS[module_class] = layout() if isinstance(layout, type) else layout
+        return layout
+
+    return decorator
+
+
+def batch_layout_for(module: nn.Module) -> BatchLayout:
+    """The layout registered for ``type(module)`` or its nearest base class, else the default."""
+    for cls in type(module).__mro__:
+        if cls in _LAYOUTS:
+            return _LAYOUTS[cls]
+    return _DEFAULT_LAYOUT
+
+
+def example_count(module: nn.Module, inputs: Sequence[Any], output_shapes: Sequence[torch.Size]) -> int:
+    """Number of examples of a recorded call, read along the module's example axis."""
+    return batch_layout_for(module).example_count(module, inputs, output_shapes)
+
+
+def rule_parameters(rule: LayerRule, module: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters ``rule`` computes quantities of for ``module``, by name relative to it.
+
+    ``rule.parameters(module)`` where the rule defines it (a :class:`GenericRule` with
+    ``children``), else the module's own trainable parameters.
+    """
+    covered = getattr(rule, "parameters", None)
+    return covered(module) if callable(covered) else trainable_parameters(module)
+
+
+def _axes_by_name(module: nn.Module, inputs: Sequence[Any], axes: dict[str, Any]) -> tuple[tuple, dict]:
+    """Per-argument axes from a map ``forward`` parameter name -> axis (missing names are shared)."""
+    names = list(inspect.signature(module.forward).parameters)
+    args = tuple(axes.get(names[i]) if i < len(names) else None for i in range(len(inputs)))
+    return args, {k: axes.get(k) for k in _kwargs(inputs)}
+
+
+def _argument(module: nn.Module, inputs: Sequence[Any], name: str) -> Any:
+    names = list(inspect.signature(module.forward).parameters)
+    position = names.index(name)
+    return inputs[position] if position < len(inputs) else _kwargs(inputs).get(name)
+
+
+@register_batch_layout(nn.MultiheadAttention)
+class MultiheadAttentionLayout(BatchLayout):
+    """Query/key/value ``[L, N, E]`` (``[N, L, E]`` if ``batch_first``); weights ``[N, (H,) L, S]``."""
+
+    def _sequence_axis(self, module: nn.Module, inputs: Sequence[Any]) -> int:
+        query = _argument(module, inputs, "query")
+        if query.dim() != 3:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} called with unbatched {query.dim()}-D query: per-example quantities "
+                "need a batch axis. Pass [N, L, E] (batch_first=True) or [L, N, E]."
+            )
+        mask = _argument(module, inputs, "attn_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 3 and module.num_heads > 1:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} called with a 3-D attn_mask [N*num_heads, L, S]; the generic rule "
+                "supports a shared 2-D attn_mask [L, S] or key_padding_mask [N, S]."
+            )
+        return 0 if module.batch_first else 1
+
+    def output_axes(self, module: nn.Module, inputs: Sequence[Any]) -> tuple[int, ...]:
+        seq = self._sequence_axis(module, inputs)
+        return tuple(seq if i == 0 else 0 for i in _output_indices(inputs))
+
+    def input_axes(self, module: nn.Module, inputs: Sequence[Any], n: int) -> tuple[tuple, dict]:
+        seq = self._sequence_axis(module, inputs)
+        return _axes_by_name(module, inputs, {"query": seq, "key": seq, "value": seq, "key_padding_mask": 0})
+
+
+@register_batch_layout(nn.RNNBase)
+class RecurrentLayout(BatchLayout):
+    """Input/output ``[T, N, *]`` (``[N, T, *]`` if ``batch_first``); hidden states ``[layers, N, H]``."""
+
+    vectorize = False  # the fused recurrent operators have no vmap batching rule
+
+    def _input_axis(self, module: nn.Module, inputs: Sequence[Any]) -> int:
+        x = inputs[0] if inputs else _kwargs(inputs).get("input")
+        if isinstance(x, PackedSequence) or not isinstance(x, Tensor) or x.dim() != 3:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: the generic rule needs a batched 3-D tensor input, got "
+                f"{type(x).__name__}{'' if not isinstance(x, Tensor) else f' of dim {x.dim()}'}; pad the sequences "
+                "instead of packing them."
+            )
+        return 0 if module.batch_first else 1
+
+    def output_axes(self, module: nn.Module, inputs: Sequence[Any]) -> tuple[int, ...]:
+        axis = self._input_axis(module, inputs)
+        return tuple(axis if i == 0 else 1 for i in _output_indices(inputs))
+
+    def input_axes(self, module: nn.Module, inputs: Sequence[Any], n: int) -> tuple[tuple, dict]:
+        return _axes_by_name(module, inputs, {"input": self._input_axis(module, inputs), "hx": 1})
+
+
+@register_batch_layout(nn.PReLU)
+class UnvectorizedLayout(BatchLayout):
+    """Default layout, examples processed one by one.
+
+    Nested ``vmap`` over ``prelu``'s backward returns wrong values or raises in
+    torch 2.x (examples x vectors), so :class:`torch.nn.PReLU` is not vectorized.
+    """
+
+    vectorize = False
+
+
+# ----------------------------------------------------------------------------- helpers
+def _kwargs(inputs: Sequence[Any]) -> dict:
+    return getattr(inputs, "kwargs", None) or {}
+
+
+def _output_indices(inputs: Sequence[Any], count: int = 1) -> tuple[int, ...]:
+    return tuple(getattr(inputs, "differentiable_outputs", range(count)))
+
+
+def _map_leaves(fn: Callable[[Any], Any], tree: Any) -> Any:
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([fn(x) for x in leaves], spec)
+
+
+def _as_tuple(x: Tensor | Sequence[Tensor]) -> Outputs:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+class _Call:
+    """One recorded call split into per-example inputs, re-runnable with other parameters.
+
+    Attributes:
+        values: The input tensors that carry examples (detached).
+        in_axes: Their example axes.
+        out_axes: Example axis of each differentiable output.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Any],
+        grads: Outputs,
+        params: dict[str, nn.Parameter],
+        with_vector_axis: bool,
+    ) -> None:
+        self.module = module
+        self.layout = batch_layout_for(module)
+        self.indices = _output_indices(inputs, len(grads))
+        self.out_axes = self.layout.output_axes(module, inputs)
+        if len(self.out_axes) != len(grads):
+            raise ValueError(
+                f"{type(module).__name__}: got {len(grads)} output gradient(s) for {len(self.out_axes)} output(s)."
+            )
+        self.n = grads[0].shape[self.out_axes[0] + int(with_vector_axis)]
+        args_axes, kwargs_axes = self.layout.input_axes(module, inputs, self.n)
+        self.leaves, self.spec = tree_flatten((tuple(inputs), dict(_kwargs(inputs))))
+        self.leaves = [x.detach() if isinstance(x, Tensor) else x for x in self.leaves]
+        axes = _broadcast_to_and_flatten((args_axes, kwargs_axes), self.spec)
+        if axes is None:
+            raise ValueError(f"{type(self.layout).__name__} gave input axes that do not match the call's arguments.")
+        self.batched = [i for i, (a, x) in enumerate(zip(axes, self.leaves)) if a is not None and isinstance(x, Tensor)]
+        self.values = tuple(self.leaves[i] for i in self.batched)
+        self.in_axes = tuple(axes[i] for i in self.batched)
+        self.params = {k: p.detach() for k, p in params.items()}
+
+    def __call__(self, params: ParamDict, values: Sequence[Tensor]) -> Outputs:
+        """Differentiable outputs of the module for inputs ``values`` (in place of the batched ones)."""
+        leaves = list(self.leaves)
+        for i, v in zip(self.batched, values):
+            leaves[i] = v
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        flat = tree_flatten(functional_call(self.module, params, args, kwargs))[0]
+        return tuple(flat[i] for i in self.indices)
+
+    def example(self, params: ParamDict, values: Sequence[Tensor]) -> Outputs:
+        """Outputs of one example from its inputs without the example axis (for ``vmap``)."""
+        outs = self(params, [v.unsqueeze(a) for v, a in zip(values, self.in_axes)])
+        return tuple(o.squeeze(a) for o, a in zip(outs, self.out_axes))
+
+    def slices(self, n: int) -> tuple[Tensor, ...]:
+        """Example ``n``'s inputs as a batch of one."""
+        return tuple(v.narrow(a, n, 1) for v, a in zip(self.values, self.in_axes))
+
+
+_UNBATCHABLE: set[tuple[type[nn.Module], str]] = set()
+T = TypeVar("T")
+
+
+def _over_examples(
+    module: nn.Module, layout: BatchLayout, vectorized: Callable[[], T], one_by_one: Callable[[], T]
+) -> T:
+    """Run ``vectorized`` (vmap over examples), or ``one_by_one`` where vmap is known or found to fail.
+
+    Some operators lack (correct) vmap batching rules, e.g. the double backward of
+    ``prelu``; the loop computes the same quantity, so an error it raises is genuine.
+    """
+    key = (type(module), one_by_one.__qualname__)
+    if layout.vectorize and key not in _UNBATCHABLE:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return vectorized()
+        except RuntimeError:
+            _UNBATCHABLE.add(key)
+    return one_by_one()
+
+
+def _pull_vectors(pullback: Callable[[Outputs], tuple[ParamDict]], cotangents: Outputs) -> ParamDict:
+    """Apply a ``vjp`` pullback to ``V`` stacked cotangents ``[V, *out]`` (no ``vmap`` level when ``V = 1``)."""
+    if cotangents[0].shape[0] == 1:
+        return {k: v.unsqueeze(0) for k, v in pullback(tuple(c[0] for c in cotangents))[0].items()}
+    return vmap(pullback)(cotangents)[0]
+
+
+def _hessian_diagonal(h: Callable[[Tensor], Tensor], theta: Tensor, chunk: int) -> Tensor:
+    """Diagonal of the Hessian of scalar ``h`` at ``theta`` [P] by one-hot Hessian-vector products.
+
+    Attention runs in the math kernel: the fused CPU/GPU kernels have no double backward.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        _, pullback = vjp(grad(h), theta)
+        size = theta.numel()
+        pieces = []
+        for start in range(0, size, chunk):
+            stop = min(size, start + chunk)
+            tangents = torch.eye(size, dtype=theta.dtype, device=theta.device)[start:stop]
+            pieces.append(vmap(pullback)(tangents)[0][..., start:stop].diagonal(dim1=-2, dim2=-1))
+    return torch.cat(pieces, -1)
+
+
+# ----------------------------------------------------------------------------- the rule
 class GenericRule(LayerRule):
-    """Per-example gradients of a module's own parameters, the module treated as a leaf."""
+    r"""Exact per-example quantities of any module's own parameters, the module treated as a leaf.
 
-    def per_example_grads(self, module: nn.Module, inputs: Sequence, grad_output) -> ParamDict:
-        params = {k: p.detach() for k, p in trainable_parameters(module).items()}
-        grads = grad_output if isinstance(grad_output, tuple) else (grad_output,)
-        kwargs = getattr(inputs, "kwargs", {})
-        indices = getattr(inputs, "differentiable_outputs", (0,))
-        n = grads[0].shape[1]
-        in_dims = tuple(0 if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else None for a in inputs)
+    Handles keyword arguments, several (nested) outputs, non-tensor and shared
+    arguments, and example axes other than 0 (see :class:`BatchLayout`). ``grad_output``
+    is ``[V, *out]`` for each differentiable output, ``*out`` in the module's own layout
+    (``[V, N, *out]`` for the default layout); a tuple of them for several outputs.
 
-        def example(args, cotangents):
-            def f(p):
-                batched = [a.unsqueeze(0) if d == 0 else a for a, d in zip(args, in_dims)]
-                flat = tree_flatten(functional_call(module, p, tuple(batched), kwargs))[0]
-                return tuple(flat[i].squeeze(0) for i in indices)
+    Args:
+        hessian_chunk_size: One-hot Hessian-vector products evaluated at once in
+            :meth:`own_hessian_term` (bounds its memory).
+        children: Names of child modules whose parameters the module uses functionally
+            in its own forward without calling the child (``out_proj`` of
+            :class:`torch.nn.MultiheadAttention`); the rule covers their parameters too.
+            A child that is also called as a module must not be listed (its parameters
+            would be counted twice).
+    """
 
-            _, fn = vjp(f, params)
-            return vmap(fn)(cotangents)[0]
+    def __init__(self, hessian_chunk_size: int = 256, children: tuple[str, ...] = ()) -> None:
+        self.hessian_chunk_size = hessian_chunk_size
+        self.children = tuple(children)
 
-        out = vmap(example, in_dims=(in_dims, 1))(tuple(inputs), grads)
-        return {k: v.transpose(0, 1) for k, v in out.items()}
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The trainable parameters the rule covers: the module's own and those of :attr:`children`."""
+        params = trainable_parameters(module)
+        for child in self.children:
+            for name, p in trainable_parameters(module.get_submodule(child)).items():
+                params[f"{child}.{name}"] = p
+        return params
+
+    def per_example_grads(
+        self, module: nn.Module, inputs: Sequence[Any], grad_output: Tensor | Sequence[Tensor]
+    ) -> ParamDict:
+        r"""Per trainable parameter ``[V, N, *p]``: :math:`\partial (g^{(v)\top}_n \mathrm{out}_n) / \partial\theta`."""
+        grads = _as_tuple(grad_output)
+        call = _Call(module, inputs, grads, self.parameters(module), with_vector_axis=True)
+        if not call.params:
+            return {}
+        cot_axes = tuple(1 + a for a in call.out_axes)
+
+        def vectorized() -> ParamDict:
+            def one_example(values: tuple[Tensor, ...], cotangents: Outputs) -> ParamDict:
+                _, pullback = vjp(lambda p: call.example(p, values), call.params)
+                return _pull_vectors(pullback, cotangents)
+
+            out = vmap(one_example, in_dims=(call.in_axes, cot_axes))(call.values, grads)
+            return {k: v.transpose(0, 1) for k, v in out.items()}
+
+        def one_by_one() -> ParamDict:
+            per_example = []
+            for n in range(call.n):
+                values = call.slices(n)
+                _, pullback = vjp(lambda p, values=values: call(p, values), call.params)
+                per_example.append(_pull_vectors(pullback, tuple(g.narrow(a, n, 1) for g, a in zip(grads, cot_axes))))
+            return {k: torch.stack([d[k] for d in per_example], 1) for k in call.params}
+
+        return _over_examples(module, call.layout, vectorized, one_by_one)
+
+    def output_curvature(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Any],
+        output_weights: Tensor | Sequence[Tensor],
+        per_example: bool,
+    ) -> ParamDict:
+        r""":math:`\sum_e r_{ne} (\partial \mathrm{out}_{ne}/\partial\theta)^2`, one one-hot column per output element.
+
+        ``output_weights`` is ``[*out]`` per differentiable output (module layout).
+        """
+        weights = _as_tuple(output_weights)
+        axes = batch_layout_for(module).output_axes(module, inputs)
+        flat = [r.movedim(a, 0).reshape(r.shape[a], -1) for r, a in zip(weights, axes)]  # [N, E_i]
+        total = sum(f.shape[1] for f in flat)
+        columns, offset = [], 0
+        for r, a, f in zip(weights, axes, flat):
+            n, e = f.shape
+            block = r.new_zeros(total, n, e)
+            block[offset : offset + e] = torch.eye(e, dtype=r.dtype, device=r.device).unsqueeze(1)
+            rest = r.movedim(a, 0).shape[1:]
+            columns.append(block.reshape(total, n, *rest).movedim(1, 1 + a))
+            offset += e
+        col_weights = torch.cat([f.T for f in flat], 0)  # [total, N]
+        grads = columns[0] if len(columns) == 1 else tuple(columns)
+        return self.weighted_squared_sum(module, inputs, grads, col_weights, per_example)
+
+    def own_hessian_term(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Any],
+        grad_output: Tensor | Sequence[Tensor],
+        per_example: bool,
+    ) -> ParamDict:
+        r"""Diagonal of :math:`\nabla^2_\theta \sum_n g_n^\top \mathrm{out}_n(\theta)`, ``grad_output`` ``[*out]``.
+
+        Computed exactly by one-hot Hessian-vector products (reverse over reverse), in
+        chunks of :attr:`hessian_chunk_size`; it is zero (but still computed) for modules
+        affine in their parameters.
+
+        Returns:
+            Per parameter name, ``p.shape``, or ``[N, *p.shape]`` if ``per_example``.
+        """
+        grads = tuple(g.detach() for g in _as_tuple(grad_output))
+        call = _Call(module, inputs, grads, self.parameters(module), with_vector_axis=False)
+        if not call.params:
+            return {}
+        names = list(call.params)
+        shapes = [call.params[k].shape for k in names]
+        theta = torch.cat([call.params[k].reshape(-1) for k in names])
+
+        def unflatten(flat: Tensor) -> ParamDict:
+            pieces = flat.split([s.numel() for s in shapes], -1)
+            return {k: v.reshape(*v.shape[:-1], *s) for k, v, s in zip(names, pieces, shapes)}
+
+        def contraction(outs: Outputs, cotangents: Outputs) -> Tensor:
+            return sum((o * c).sum() for o, c in zip(outs, cotangents))
+
+        chunk = self.hessian_chunk_size
+        if not per_example:
+            diag = _hessian_diagonal(lambda t: contraction(call(unflatten(t), call.values), grads), theta, chunk)
+            return unflatten(diag)
+
+        def vectorized() -> Tensor:
+            def one_example(values: tuple[Tensor, ...], cotangents: Outputs) -> Tensor:
+                return _hessian_diagonal(
+                    lambda t: contraction(call.example(unflatten(t), values), cotangents), theta, chunk
+                )
+
+            return vmap(one_example, in_dims=(call.in_axes, call.out_axes))(call.values, grads)
+
+        def one_by_one() -> Tensor:
+            rows = []
+            for n in range(call.n):
+                values, cotangents = call.slices(n), tuple(g.narrow(a, n, 1) for g, a in zip(grads, call.out_axes))
+                rows.append(
+                    _hessian_diagonal(
+                        lambda t, v=values, c=cotangents: contraction(call(unflatten(t), v), c), theta, chunk
+                    )
+                )
+            return torch.stack(rows)
+
+        return unflatten(_over_examples(module, call.layout, vectorized, one_by_one))
+
+    def __repr__(self) -> str:
+        return f"GenericRule(children={self.children!r})" if self.children else "GenericRule()"
 
 
 GENERIC_RULE = GenericRule()
+register_rule(nn.MultiheadAttention)(GenericRule(children=("out_proj",)))
