@@ -1,6 +1,20 @@
 """secorder_hooks: per-example gradients and curvature diagonals in one backward pass."""
 
 from secorder_hooks import rules  # noqa: F401  (registers the built-in rules)
+from secorder_hooks.approximations import (
+    empirical_fisher_diagonal,
+    empirical_fisher_trace,
+    generalized_fisher_diagonal,
+    generalized_fisher_trace,
+)
+from secorder_hooks.core import (
+    FallbackWarning,
+    get_layer_curvature_stats,
+    hessian_diagonal,
+    model_hessian_diagonal,
+    per_layer_fisher_diagonal,
+    per_layer_hessian_diagonal,
+)
 from secorder_hooks.engine import extend
 from secorder_hooks.errors import (
     ExtensionError,
@@ -22,12 +36,24 @@ from secorder_hooks.quantities import (
     Variance,
 )
 from secorder_hooks.rules import LayerRule, register_rule
+from secorder_hooks.rules.check import check_rule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "hessian_diagonal",
+    "model_hessian_diagonal",
+    "per_layer_hessian_diagonal",
+    "per_layer_fisher_diagonal",
+    "get_layer_curvature_stats",
+    "empirical_fisher_diagonal",
+    "generalized_fisher_diagonal",
+    "empirical_fisher_trace",
+    "generalized_fisher_trace",
+    "FallbackWarning",
     "extend",
     "register_rule",
+    "check_rule",
     "LayerRule",
     "Quantity",
     "BatchGrad",

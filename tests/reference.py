@@ -72,7 +72,9 @@ def per_example_hessian_diagonal(model: nn.Module, loss_fn: LossFn, x: Tensor, y
     return {k: torch.stack(v) for k, v in result.items()}
 
 
-def ggn_diagonal(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, per_example: bool = False) -> dict[str, Tensor]:
+def ggn_diagonal(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, per_example: bool = False
+) -> dict[str, Tensor]:
     """Diagonal of ``J^T (d^2 L / df^2) J`` from the full Jacobian of the model output.
 
     With ``per_example``, ``[N, *p]``: the terms of the GGN belonging to each example

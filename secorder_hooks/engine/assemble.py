@@ -140,7 +140,9 @@ def assemble_first_order(session: Session, contributions: Contributions, param_g
             p.grad_batch = batch
             sum_sq, l2 = batch.square().sum(0), batch.flatten(1).square().sum(1)
         else:
-            sum_sq = results.weighted_squared_sum(parts, per_example=False) if wanted & {SumGradSquared, Variance} else None
+            sum_sq = (
+                results.weighted_squared_sum(parts, per_example=False) if wanted & {SumGradSquared, Variance} else None
+            )
             l2 = results.squared_norms(parts)[0] if BatchL2Grad in wanted else None
         if SumGradSquared in wanted:
             p.sum_grad_squared = sum_sq

@@ -9,9 +9,8 @@ the number of columns in flight, trading speed for peak memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor

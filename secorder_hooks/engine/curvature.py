@@ -29,8 +29,8 @@ from secorder_hooks.engine.columns import backprop_columns
 from secorder_hooks.engine.curved_ops import second_derivative
 from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
 from secorder_hooks.engine.records import CallRecord
-from secorder_hooks.engine.rowwise import block_columns, row_blocks
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
+from secorder_hooks.engine.rowwise import block_columns, row_blocks
 from secorder_hooks.errors import ExtensionError, UnsupportedOperationError
 from secorder_hooks.losses.base import LossTerm, SqrtColumns
 from secorder_hooks.quantities import (
@@ -117,7 +117,7 @@ class CurvaturePlan:
         return cls(session, term, sites)
 
     def register_capture_hooks(self) -> list[RemovableHandle]:
-        """Hooks capturing :math:`\\partial L / \\partial h` at every curved operation."""
+        r"""Hooks capturing :math:`\partial L / \partial h` at every curved operation."""
         return [site.node.register_prehook(site.capture) for site in self.sites]
 
     def run(self, contributions: Contributions) -> None:
@@ -136,7 +136,9 @@ class CurvaturePlan:
             q = quantities[DiagGGNMC]
             mc = Diagonals(per_example=False)
             sampled = SqrtColumns(self.term.sample_sqrt_hessian(q.mc_samples, q.generator))
-            column_pass(contributions, (self.term.edge,), _split(example_columns(self.term, sampled), chunk), records, mc)
+            column_pass(
+                contributions, (self.term.edge,), _split(example_columns(self.term, sampled), chunk), records, mc
+            )
         residual = None
         if any(q in quantities for q in _HESSIAN):
             residual = Diagonals(per_example)
@@ -163,9 +165,7 @@ class CurvaturePlan:
                 blocks, to_input = row_blocks(site.node, site.grad)
                 self._check_rows(site, blocks)
                 targets = records_below(site.sources, records)
-                columns = (
-                    ((to_input(cols),), w) for cols, w in block_columns(blocks, self.batch_size, chunk)
-                )
+                columns = (((to_input(cols),), w) for cols, w in block_columns(blocks, self.batch_size, chunk))
             else:
                 self._check_products(site)
                 self._check_examples(site, site.grad)

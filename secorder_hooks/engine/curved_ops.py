@@ -152,7 +152,7 @@ def _from_result(fn: Callable[[Tensor], Tensor]) -> Callable[[Node], Tensor]:
 
 
 def _by_autograd(phi: Callable[[Node, Tensor], Tensor]) -> Callable[[Node], Tensor]:
-    """:math:`\\phi''(a)` of an elementwise function re-evaluated at the saved input."""
+    r""":math:`\phi''(a)` of an elementwise function re-evaluated at the saved input."""
 
     def second(node: Node) -> Tensor:
         with torch.enable_grad():
@@ -196,5 +196,5 @@ def node_name(node: Node) -> str:
 
 
 def second_derivative(node: Node) -> Tensor:
-    """:math:`\\phi''(a)` for an :data:`ELEMENTWISE` node, shaped like its input."""
+    r""":math:`\phi''(a)` for an :data:`ELEMENTWISE` node, shaped like its input."""
     return ELEMENTWISE[node_name(node)](node)

@@ -27,8 +27,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from secorder_hooks.engine.graph import iter_nodes, leaf_variable
 from secorder_hooks.errors import UnsupportedLossError
-from secorder_hooks.losses.base import LossTerm, SqrtColumns
 from secorder_hooks.losses.autograd import AutogradLossTerm
+from secorder_hooks.losses.base import LossTerm, SqrtColumns
 from secorder_hooks.losses.factory import loss_term_from_call
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ class CallInputs(tuple):
     kwargs: dict
     differentiable_outputs: tuple[int, ...]
 
-    def __new__(cls, args: tuple, kwargs: dict, differentiable_outputs: tuple[int, ...]) -> CallInputs:
+    def __new__(cls, args: tuple, kwargs: dict, differentiable_outputs: tuple[int, ...]) -> CallInputs:  # noqa: D102
         obj = super().__new__(cls, args)
         obj.kwargs = kwargs
         obj.differentiable_outputs = differentiable_outputs
@@ -81,9 +81,7 @@ class CallRecord:
 
         Outputs that received no gradient get zeros.
         """
-        grads = tuple(
-            (self.zeros_like_output(i) if g is None else g).unsqueeze(0) for i, g in enumerate(self.grads)
-        )
+        grads = tuple((self.zeros_like_output(i) if g is None else g).unsqueeze(0) for i, g in enumerate(self.grads))
         return grads[0] if len(grads) == 1 else grads
 
     def zeros_like_output(self, index: int, leading: tuple[int, ...] = ()) -> Tensor:

@@ -47,13 +47,13 @@ class SiteKind(enum.Enum):
 
 @dataclass(eq=False)
 class CurvedSite:
-    """One curved operation between parameters and the loss.
+    r"""One curved operation between parameters and the loss.
 
     Attributes:
         node: The operation's autograd node.
         kind: Elementwise function or elementwise product.
         sources: Gradient edges of its input ``a`` (elementwise) or factors ``u, v``.
-        grad: :math:`\\partial L / \\partial h` at its output, captured in the backward pass.
+        grad: :math:`\partial L / \partial h` at its output, captured in the backward pass.
     """
 
     node: Node

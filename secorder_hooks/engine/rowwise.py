@@ -64,7 +64,7 @@ def _log_softmax(node: Node, grad: Tensor) -> tuple[Tensor, ToInput]:
 
 
 def _normalized(v: Tensor, r: Tensor, var_eps_offset: Tensor) -> Tensor:
-    """:math:`r^\\top (v - \\bar v) / \\sqrt{\\operatorname{var}(v) + \\epsilon}` for one row."""
+    r""":math:`r^\top (v - \bar v) / \sqrt{\operatorname{var}(v) + \epsilon}` for one row."""
     centered = v - v.mean()
     return (r * centered).sum() * torch.rsqrt(centered.square().mean() + var_eps_offset)
 
@@ -130,4 +130,7 @@ def block_columns(blocks: Tensor, batch_size: int, chunk_size: int | None) -> It
     for start in range(0, t, step):
         slots = eye[start : start + step]
         columns = einsum(slots, vectors, "s t, n t e k -> s k n t e")
-        yield rearrange(columns, "s k n t e -> (s k) (n t) e"), rearrange(eigenvalues[start : start + step], "s k n -> (s k) n")
+        yield (
+            rearrange(columns, "s k n t e -> (s k) (n t) e"),
+            rearrange(eigenvalues[start : start + step], "s k n -> (s k) n"),
+        )

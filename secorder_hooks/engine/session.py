@@ -37,9 +37,7 @@ class Session:
             raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
         for q in quantities:
             if not isinstance(q, Quantity):
-                raise TypeError(
-                    f"extend() got {q!r}; pass quantity instances such as secorder_hooks.BatchGrad()."
-                )
+                raise TypeError(f"extend() got {q!r}; pass quantity instances such as secorder_hooks.BatchGrad().")
         attributes = Counter(q.attribute for q in quantities)
         if any(count > 1 for count in attributes.values()):
             raise ValueError(f"extend() got the same quantity twice: {list(quantities)}.")
@@ -142,9 +140,12 @@ class Session:
         for arg in (*args, *kwargs.values()):
             candidates = arg if isinstance(arg, (list, tuple)) else (arg,)
             for a in candidates:
-                if isinstance(a, nn.Parameter) and id(a) in self.owners:
-                    if not any(self._active[id(m)] > 0 for m in self.owners[id(a)]):
-                        self.misused.append((self.param_names[id(a)], result))
+                if (
+                    isinstance(a, nn.Parameter)
+                    and id(a) in self.owners
+                    and not any(self._active[id(m)] > 0 for m in self.owners[id(a)])
+                ):
+                    self.misused.append((self.param_names[id(a)], result))
 
     # ----------------------------------------------------------------- backward
     def backward(

@@ -87,12 +87,14 @@ class LayerRule:
     def output_curvature(
         self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor, per_example: bool
     ) -> ParamDict:
-        r""":math:`\sum_{e} r_{ne} (\partial \mathrm{out}_{ne} / \partial\theta)^2` for weights ``r`` on output elements.
+        r""":math:`\sum_{e} r_{ne} (\partial \mathrm{out}_{ne} / \partial\theta)^2` for output weights ``r``.
 
         This is the Hessian-diagonal contribution of an elementwise curved operation
         applied directly to the module output, with ``r = phi''(out) * dL/dphi``.
 
         Args:
+            module: The module that was called.
+            inputs: Positional tensor inputs of the call, ``[N, ...]`` each.
             output_weights: ``[N, *out]`` weight of every output element.
             per_example: Keep the example axis.
 
@@ -107,7 +109,7 @@ class LayerRule:
     def own_hessian_term(
         self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor, per_example: bool
     ) -> ParamDict:
-        r"""Diagonal of :math:`\nabla^2_\theta \sum_n g_n^\top \mathrm{out}_n(\theta)` for ``grad_output`` ``[N, *out]``.
+        r"""Diagonal of :math:`\nabla^2_\theta \sum_n g_n^\top \mathrm{out}_n(\theta)`, ``grad_output`` ``[N, *out]``.
 
         Zero for modules whose output is affine in their own parameters (all built-in
         rules), so the default returns an empty dict.
@@ -134,6 +136,7 @@ class FunctionRule(LayerRule):
         self.fn = fn
 
     def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
+        """Per-example gradients of the ``V`` vectors, folded into the example axis for the function."""
         v, n = grad_output.shape[:2]
         folded_inputs = [repeat(x, "n ... -> (v n) ...", v=v) if isinstance(x, Tensor) else x for x in inputs]
         grads = self.fn(module, folded_inputs, grad_output.flatten(0, 1))

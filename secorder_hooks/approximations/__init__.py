@@ -1,0 +1,11 @@
+"""Diagonals and traces of Fisher information matrices (empirical and generalized)."""
+
+from secorder_hooks.approximations.fisher_diagonal import empirical_fisher_diagonal, generalized_fisher_diagonal
+from secorder_hooks.approximations.fisher_trace import empirical_fisher_trace, generalized_fisher_trace
+
+__all__ = [
+    "empirical_fisher_diagonal",
+    "generalized_fisher_diagonal",
+    "empirical_fisher_trace",
+    "generalized_fisher_trace",
+]

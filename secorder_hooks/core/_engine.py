@@ -1,0 +1,75 @@
+"""One pass of the hook engine on behalf of the function API, without side effects.
+
+The parameters' ``.grad`` are restored afterwards and the quantity attributes removed,
+so calling a function of the API never changes the model's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from secorder_hooks.core._losses import record_loss_calls
+from secorder_hooks.core._validation import check_scalar
+from secorder_hooks.engine import extend
+from secorder_hooks.losses.calls import LossCall
+from secorder_hooks.quantities import Quantity
+
+__all__ = ["EngineResult", "run_engine"]
+
+
+@dataclass
+class EngineResult:
+    """What one engine pass computed.
+
+    Attributes:
+        values: Per quantity attribute, the value for each parameter (aligned with the
+            ``params`` passed to :func:`run_engine`; ``None`` where none was written).
+        loss: The loss (detached from the freed graph's use: for identity checks only).
+        loss_calls: The standard loss calls ``loss_fn`` made.
+    """
+
+    values: dict[str, list[Tensor | None]]
+    loss: Tensor
+    loss_calls: list[LossCall]
+
+
+def run_engine(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    args: tuple[Tensor, ...],
+    targets: Tensor,
+    params: Sequence[Tensor],
+    quantities: Sequence[Quantity],
+    check: Callable[[Tensor, list[LossCall]], object] | None = None,
+) -> EngineResult:
+    """Forward, loss and backward inside :func:`~secorder_hooks.extend` with ``quantities``.
+
+    ``check(loss, loss_calls)``, if given, runs before the backward pass.
+
+    Raises:
+        Whatever the engine raises (``NotImplementedError`` subclasses and
+        :class:`~secorder_hooks.ExtensionError` when it declines the model or loss).
+    """
+    saved = [p.grad for p in params]
+    attributes = [q.attribute for q in quantities]
+    try:
+        for p in params:
+            p.grad = None
+        with extend(model, *quantities):
+            outputs = model(*args)
+            with record_loss_calls() as calls:
+                loss = check_scalar(loss_fn(outputs, targets), "loss_fn")
+            if check is not None:
+                check(loss, calls)
+            loss.backward()
+        values = {a: [getattr(p, a, None) for p in params] for a in attributes}
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+            for a in attributes:
+                if hasattr(p, a):
+                    delattr(p, a)
+    return EngineResult(values=values, loss=loss, loss_calls=calls)
