@@ -2,7 +2,7 @@ r"""The exact generic paths of the Fisher functions: batched vector-Jacobian pro
 
 Both functions below backpropagate batches of vectors from a tensor :math:`f` of the
 graph to the parameters with one vectorized ``torch.autograd.grad`` per chunk
-(:func:`~secorder_hooks.core._batched.batched_grad`), so they need no knowledge of the layers in between.
+(:func:`~secorder_hooks.engine.vjp.batched_grad`), so they need no knowledge of the layers in between.
 
 * :func:`ggn_diagonal_from_columns`: every loss-Hessian square-root column restricted to
   one row of :math:`f` is one vector :math:`u`; :math:`\sum_u w_u (J^\top u)^2` is the GGN
@@ -51,7 +51,7 @@ def _chunk(total: int, per_vector: int, chunk_size: int | None) -> int:
 def _vjp(
     f: Tensor | GradientEdge, params: Sequence[Tensor], vectors: Tensor, create_graph: bool
 ) -> Sequence[Tensor | None]:
-    from secorder_hooks.core._batched import batched_grad
+    from secorder_hooks.engine.vjp import batched_grad
 
     return batched_grad([f], params, [vectors], create_graph)
 

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from secorder_hooks.core._batched import batched_grad
 from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
 from secorder_hooks.core._fallback import logger as _logger
 from secorder_hooks.core._losses import record_loss_calls
@@ -31,6 +30,7 @@ from secorder_hooks.core._validation import (
     check_vectors,
     zeros_like_all,
 )
+from secorder_hooks.engine.vjp import batched_grad
 
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 

@@ -2,36 +2,24 @@ r"""Vectorized backpropagation of column blocks to the recorded module outputs.
 
 Curvature quantities push ``V`` vectors ("columns") from one place of the graph, the
 model output or the input of a curved operation, back to the outputs of the recorded
-module calls below it. One call of :func:`torch.autograd.grad` with
-``is_grads_batched=True`` does this for all ``V`` columns at once; ``chunk_size`` bounds
-the number of columns in flight, trading speed for peak memory.
+module calls below it. One vectorized backward
+(:func:`~secorder_hooks.engine.vjp.batched_grad`) does this for all ``V`` columns at once.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from secorder_hooks.engine.graph import iter_nodes
 from secorder_hooks.engine.records import CallRecord
+from secorder_hooks.engine.vjp import batched_grad
 
-__all__ = ["ColumnBlock", "backprop_columns", "chunks"]
+__all__ = ["ColumnBlock", "backprop_columns"]
 
 ColumnBlock = dict[int, tuple[Tensor, ...]]
 """Record id -> the ``[V, N, *out_i]`` vectors at each differentiable output of the call."""
-
-
-def chunks(columns: Tensor, weights: Tensor | None, size: int | None) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Split ``[K, ...]`` columns (and their ``[K, N]`` weights) into chunks of at most ``size``."""
-    if size is None or columns.shape[0] <= size:
-        yield columns, weights
-        return
-    for start in range(0, columns.shape[0], size):
-        yield columns[start : start + size], None if weights is None else weights[start : start + size]
 
 
 def backprop_columns(
@@ -55,7 +43,7 @@ def backprop_columns(
     if not edges:
         return {}
     v = columns[0].shape[0]
-    grads = _vector_jacobian_products(list(sources), edges, list(columns))
+    grads = batched_grad(sources, edges, columns)
     result: ColumnBlock = {}
     position = 0
     for rec in records:
@@ -66,35 +54,3 @@ def backprop_columns(
             position += 1
         result[id(rec)] = tuple(outputs)
     return result
-
-
-_LOOPED: set[frozenset[str]] = set()
-"""Graph signatures (sets of node types) on which batched backward fell back to a slow loop."""
-
-
-def _vector_jacobian_products(
-    sources: list[GradientEdge], edges: list[GradientEdge], columns: list[Tensor]
-) -> list[Tensor | None]:
-    """``[V, *edge]`` products for every edge: batched, or a loop over columns where faster.
-
-    ``is_grads_batched`` vmaps the backward formulas; for operations without a batching
-    rule (convolution and max-pooling backward, among others) PyTorch falls back to a
-    per-column loop with extra copies, and a plain loop is faster. Such graphs are
-    remembered by the set of their node types.
-    """
-    signature = frozenset(type(node).__name__ for edge in sources for node in iter_nodes(edge.node))
-    if signature not in _LOOPED:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            grads = torch.autograd.grad(
-                sources, edges, grad_outputs=columns, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-        if not any("batching rule" in str(w.message) for w in caught):
-            return list(grads)
-        _LOOPED.add(signature)
-        return list(grads)
-    per_column = [
-        torch.autograd.grad(sources, edges, grad_outputs=[c[i] for c in columns], retain_graph=True, allow_unused=True)
-        for i in range(columns[0].shape[0])
-    ]
-    return [None if g[0] is None else torch.stack(g) for g in zip(*per_column)]

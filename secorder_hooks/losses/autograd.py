@@ -3,7 +3,7 @@ r"""Any scalar loss, its per-example Hessian blocks obtained by double backward.
 For a loss :math:`L(f)` that is a sum over examples (no term couples :math:`f_n` and
 :math:`f_m`, :math:`n \ne m`), the Hessian is block diagonal, and one Hessian-vector product
 with the vector that is :math:`e_k` in every example gives column :math:`k` of every block at
-once: ``prod(f)`` products in all, batched with ``is_grads_batched``. One more product with a
+once: ``prod(f)`` products in all, batched with :func:`~secorder_hooks.engine.vjp.batched_grad`. One more product with a
 Gaussian probe checks block diagonality. Each block :math:`B_n = U \Lambda U^\top` then gives
 columns :math:`\sqrt{|\lambda_k|}\, u_k` with weights :math:`\operatorname{sign}(\lambda_k)`, so
 indefinite Hessians are represented exactly.
@@ -85,21 +85,14 @@ class AutogradLossTerm(LossTerm):
 
     def _hvps(self, grad: Tensor, vectors: Tensor) -> Tensor:
         """``[B, *f]`` Hessian-vector products for ``vectors`` ``[B, *f]``, in chunks."""
+        from secorder_hooks.engine.vjp import batched_grad
+
         size = self.chunk_size or vectors.shape[0]
         out = []
         for chunk in vectors.split(size):
-            try:
-                (hv,) = torch.autograd.grad(
-                    grad, [self.edge], grad_outputs=chunk, retain_graph=True, is_grads_batched=True, allow_unused=True
-                )
-            except RuntimeError:  # a double-backward formula without a batching rule: one by one
-                hv = torch.stack([self._hvp(grad, v) for v in chunk])
+            (hv,) = batched_grad([grad], [self.edge], [chunk])
             out.append(torch.zeros_like(chunk) if hv is None else hv)
         return torch.cat(out)
-
-    def _hvp(self, grad: Tensor, vector: Tensor) -> Tensor:
-        (hv,) = torch.autograd.grad(grad, [self.edge], grad_outputs=vector, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(vector) if hv is None else hv
 
     def sqrt_hessian(self) -> SqrtColumns:
         r"""``K = prod(f)`` columns :math:`\sqrt{|\lambda_k|} u_k` per example, weights :math:`\pm 1`.

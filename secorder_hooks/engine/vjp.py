@@ -22,7 +22,7 @@ __all__ = ["batched_grad"]
 
 def batched_grad(
     outputs: Sequence[Tensor | GradientEdge],
-    inputs: Sequence[Tensor],
+    inputs: Sequence[Tensor | GradientEdge],
     vectors: Sequence[Tensor],
     create_graph: bool = False,
 ) -> list[Tensor | None]:
@@ -44,19 +44,21 @@ def batched_grad(
             outputs, inputs, grad_outputs=list(vs), retain_graph=True, create_graph=create_graph, allow_unused=True
         )
         unused[:] = [g is None for g in grads]
-        return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+        return tuple(vs[0].new_zeros(()) if g is None else g for g in grads)
 
     try:
         result = torch.func.vmap(one)(*vectors)
-    except RuntimeError:
-        legacy = torch.autograd.grad(
-            outputs,
-            inputs,
-            grad_outputs=vectors,
-            retain_graph=True,
-            create_graph=create_graph,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-        return list(legacy)
+    except RuntimeError:  # torch.func refuses the graph: the legacy vmap, else one vector at a time
+        try:
+            return list(
+                torch.autograd.grad(
+                    outputs, inputs, vectors, True, create_graph, allow_unused=True, is_grads_batched=True
+                )
+            )
+        except RuntimeError:
+            looped = [
+                torch.autograd.grad(outputs, inputs, list(vs), True, create_graph, allow_unused=True)
+                for vs in zip(*vectors)
+            ]
+            return [None if g[0] is None else torch.stack(g) for g in zip(*looped)]
     return [None if u else r for u, r in zip(unused, result)]
