@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.columns import backprop_columns
-from secorder_hooks.engine.curved_ops import second_derivative
+from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
 from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
@@ -153,13 +154,8 @@ class CurvaturePlan:
             if site.kind is SiteKind.ELEMENTWISE:
                 weights = second_derivative(site.node) * site.grad
                 self._check_examples(site, weights)
-                closed = _closed_form_record(site, contributions)
-                if closed is not None:
-                    rule = contributions.rules[closed.module]
-                    terms = rule.output_curvature(closed.module, closed.inputs, weights, into.per_example)
-                    for name, value in terms.items():
-                        into.add(id(closed.module.get_parameter(name)), value)
-                targets = [rec for rec in records_below(site.sources, records) if rec is not closed]
+                done = self._closed_forms(site, weights, contributions, into)
+                targets = [rec for rec in records_below(site.sources, records) if rec not in done]
                 columns = _one_hot(weights, chunk, product=False)
             elif site.kind is SiteKind.ROWWISE:
                 blocks, to_input = row_blocks(site.node, site.grad)
@@ -173,6 +169,43 @@ class CurvaturePlan:
                 columns = _one_hot(site.grad, chunk, product=True)
             if targets:
                 column_pass(contributions, site.sources, columns, targets, into)
+
+    def _closed_forms(
+        self, site: CurvedSite, weights: Tensor, contributions: Contributions, into: Diagonals
+    ) -> list[CallRecord]:
+        r"""Closed forms of an elementwise site's term for the layers right below it.
+
+        When the site's input :math:`a` is the output of a layer, its parameters get
+        ``output_curvature(r)``. When that layer also has ``input_curvature`` and its input
+        comes from the output :math:`z` of another layer through unary elementwise
+        operations only (Jacobian :math:`\operatorname{diag}(d)`), the diagonal of the
+        propagated matrix at :math:`z` is :math:`d^2 \odot` ``input_curvature(r)``, which is
+        exact for that layer's parameters if each touches one output element.
+
+        Returns:
+            The records handled here (the column pass skips them).
+        """
+        done: list[CallRecord] = []
+        weights_at, source = weights, site.sources[0]
+        for depth in range(2):  # deeper layers see sums over paths: the columns are exact there
+            record = _closed_form_record(source, contributions)
+            if record is None:
+                break
+            rule = contributions.rules[record.module]
+            if depth == 1 and not rule.touches_one_output(record.module, record.inputs):
+                break
+            terms = rule.output_curvature(record.module, record.inputs, weights_at, into.per_example)
+            for name, value in terms.items():
+                into.add(id(record.module.get_parameter(name)), value)
+            done.append(record)
+            below = rule.input_curvature(record.module, record.inputs, weights_at) if depth == 0 else None
+            x = record.inputs[0] if record.inputs else None
+            source = _diagonal_chain_end(x) if below is not None else None
+            if source is None:
+                break
+            (d,) = torch.autograd.grad([x], [source], [torch.ones_like(x)], retain_graph=True)
+            weights_at = d.square() * below
+        return done
 
     def _own_terms(self, contributions: Contributions, into: Diagonals) -> None:
         for rec in _records(contributions):
@@ -365,13 +398,25 @@ def _one_hot(weights: Tensor, size: int | None, product: bool) -> Iterator[tuple
             yield (cols,), w
 
 
-def _closed_form_record(site: CurvedSite, contributions: Contributions) -> CallRecord | None:
-    """The record whose output is the curved operation's input, if its rule may use a closed form.
+def _diagonal_chain_end(x: Tensor | None) -> GradientEdge | None:
+    """The edge reached from ``x`` through unary elementwise nodes only (the last one before another node)."""
+    if not isinstance(x, Tensor) or x.grad_fn is None:
+        return None
+    edge = get_gradient_edge(x)
+    while node_name(edge.node) in DIAGONAL:
+        following = [GradientEdge(n, i) for n, i in edge.node.next_functions if n is not None]
+        if len(following) != 1:
+            return None
+        edge = following[0]
+    return edge
+
+
+def _closed_form_record(source: GradientEdge, contributions: Contributions) -> CallRecord | None:
+    """The record whose output is at ``source``, if its rule may use a closed form there.
 
     The closed form is exact only when every parameter of that module gets its gradient
     from this one call (no second call, no weight shared with another module).
     """
-    (source,) = site.sources
     for rec in _records(contributions):
         if source in rec.output_edges and len(rec.output_edges) == 1:
             params = rule_parameters(contributions.rules[rec.module], rec.module).values()

@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["AFFINE", "MULTILINEAR", "ELEMENTWISE", "ELEMENTWISE_PRODUCT", "second_derivative", "node_name"]
+__all__ = [
+    "AFFINE",
+    "MULTILINEAR",
+    "ELEMENTWISE",
+    "ELEMENTWISE_PRODUCT",
+    "DIAGONAL",
+    "second_derivative",
+    "node_name",
+]
 
 AFFINE = frozenset(
     {
@@ -188,6 +196,29 @@ ELEMENTWISE: dict[str, Callable[[Node], Tensor]] = {
     "PowBackward0": _by_autograd(lambda n, a: torch.pow(a, n._saved_exponent)),
 }
 """Elementwise curved nodes: type name -> :math:`\\phi''(a)` (shape of the input ``a``)."""
+
+
+DIAGONAL = frozenset(ELEMENTWISE) | {
+    "ReluBackward0",
+    "ReluBackward1",
+    "ThresholdBackward0",
+    "ThresholdBackward1",
+    "LeakyReluBackward0",
+    "LeakyReluBackward1",
+    "HardtanhBackward0",
+    "HardtanhBackward1",
+    "AbsBackward0",
+    "NegBackward0",
+    "AddBackward1",
+    "SubBackward1",
+    "RsubBackward1",
+    "MulBackward1",
+    "DivBackward1",
+    "CloneBackward0",
+    "AliasBackward0",
+    "ToCopyBackward0",
+}
+"""Unary elementwise nodes: their Jacobian is diagonal."""
 
 
 def node_name(node: Node) -> str:

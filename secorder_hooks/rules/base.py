@@ -116,6 +116,32 @@ class LayerRule:
         """
         return {}
 
+    def input_curvature(self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor) -> Tensor | None:
+        r""":math:`\sum_e r_{ne} (\partial \mathrm{out}_{ne} / \partial x_{ni})^2` for the first input ``x``.
+
+        The diagonal of :math:`J_x^\top \operatorname{diag}(r) J_x` per example, where
+        :math:`J_x` is the Jacobian of the output with respect to the first input. The
+        engine propagates Hessian terms of curved operations through the layer with it
+        instead of backpropagating one column per output element.
+
+        Args:
+            module: The module that was called.
+            inputs: Positional tensor inputs of the call.
+            output_weights: ``[N, *out]`` weight of every output element.
+
+        Returns:
+            ``[N, *in]``, or ``None`` when the rule has no closed form (the default).
+        """
+        return None
+
+    def touches_one_output(self, module: nn.Module, inputs: Sequence[Tensor]) -> bool:
+        """Whether each parameter entry affects at most one output element per example.
+
+        Then :meth:`output_curvature` with the diagonal of a propagated curvature matrix
+        is exact. False by default.
+        """
+        return False
+
 
 def _weighted_square_reduce(grads: Tensor, weights: Tensor | None, per_example: bool) -> Tensor:
     """Reduce ``[V, N, *p]`` to ``sum_v w_vn grads**2`` over ``v`` (and ``n``)."""
