@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from secorder_hooks.engine.records import CallRecord
@@ -136,21 +137,20 @@ def assemble_first_order(session: Session, contributions: Contributions, param_g
     for key, parts in contributions.by_param.items():
         p = session.params[key]
         if BatchGrad in wanted:
-            batch = results.per_example_grads(parts)[0]
-            p.grad_batch = batch
-            sum_sq, l2 = batch.square().sum(0), batch.flatten(1).square().sum(1)
-        else:
-            sum_sq = (
-                results.weighted_squared_sum(parts, per_example=False) if wanted & {SumGradSquared, Variance} else None
-            )
-            l2 = results.squared_norms(parts)[0] if BatchL2Grad in wanted else None
-        if SumGradSquared in wanted:
-            p.sum_grad_squared = sum_sq
+            p.grad_batch = results.per_example_grads(parts)[0]
+        if wanted & {SumGradSquared, Variance}:
+            sum_sq = results.weighted_squared_sum(parts, per_example=False)
+            if SumGradSquared in wanted:
+                p.sum_grad_squared = sum_sq
+            if Variance in wanted:
+                p.variance = _variance(sum_sq, param_grads[key], _batch_size(parts))
         if BatchL2Grad in wanted:
-            p.batch_l2 = l2
-        if Variance in wanted:
-            n = _batch_size(parts)
-            p.variance = (sum_sq / n - (param_grads[key] / n).square()).clamp_(min=0)
+            p.batch_l2 = results.squared_norms(parts)[0]
+
+
+def _variance(sum_sq: Tensor, grad: Tensor, n: int) -> Tensor:
+    r""":math:`\frac1N \sum_n g_n^2 - (\frac1N \sum_n g_n)^2 = (\sum_n g_n^2 - g^2 / N) / N`, clamped at 0."""
+    return torch.addcmul(sum_sq, grad, grad, value=-1.0 / n).div_(n).clamp_(min=0)
 
 
 def _batch_size(parts: Sequence[tuple[CallRecord, str]]) -> int:

@@ -3,7 +3,8 @@
 1. Before the ordinary backward, curvature quantities plan their column passes
    (:mod:`secorder_hooks.engine.curvature`), which needs the graph intact.
 2. The ordinary backward runs (``.grad`` as usual); hooks capture the gradient at every
-   recorded module output and at every trainable parameter.
+   recorded module output. The parameters it reached (and their gradients of this pass)
+   are read off their ``.grad`` afterwards.
 3. Checks that every parameter gradient came through recorded module calls.
 4. First-order quantities are assembled from the captured output gradients; curvature
    quantities run their column passes.
@@ -19,7 +20,7 @@ from torch import Tensor
 from secorder_hooks.engine.assemble import Contributions, assemble_first_order
 from secorder_hooks.engine.graph import reached_parameters
 from secorder_hooks.errors import ExtensionError
-from secorder_hooks.quantities import Order
+from secorder_hooks.quantities import Order, Variance
 
 if TYPE_CHECKING:
     from secorder_hooks.engine.session import Session
@@ -59,8 +60,18 @@ def run_backward(
             if hasattr(p, q.attribute):
                 delattr(p, q.attribute)
 
+    # Which parameters this pass reaches, and their gradient of this pass, are read off ``.grad``
+    # afterwards: a new ``.grad`` tensor, or an in-place accumulation into the old one (its version
+    # counter moves). A tensor hook is needed only for the gradient of this pass of a parameter that
+    # already has a ``.grad`` (Variance); hooks on the others would make AccumulateGrad copy.
+    before = {key: (p.grad, p.grad._version if p.grad is not None else 0) for key, p in params.items()}
     param_grads: dict[int, Tensor] = {}
-    handles = [p.register_hook(_store_into(param_grads, key)) for key, p in params.items()]
+    wants_grads = any(isinstance(q, Variance) for q in session.quantities)
+    handles = [
+        p.register_hook(_store_into(param_grads, key))
+        for key, p in params.items()
+        if wants_grads and before[key][0] is not None
+    ]
     misuse_fired: list[str] = []
     handles += [node.register_prehook(_flag(misuse_fired, name)) for name, node in _misuse_nodes(session)]
     if plan is not None:
@@ -83,7 +94,12 @@ def run_backward(
             "inside its module, or add the penalty's gradient after leaving extend()."
         )
     contributions = Contributions.collect(session)
-    missing = [k for k in param_grads if k not in contributions.by_param]
+    reached = _reached(params, before)
+    if wants_grads:
+        for key in reached:
+            if key not in param_grads:
+                param_grads[key] = params[key].grad
+    missing = [k for k in reached if k not in contributions.by_param]
     if missing:
         raise ExtensionError(
             f"parameter '{session.param_names[missing[0]]}' received a gradient, but no recorded call of its "
@@ -100,6 +116,16 @@ def run_backward(
         session.records.paused = False
         if not retain_graph:
             session.reset_pass()
+
+
+def _reached(params: dict[int, Tensor], before: dict[int, tuple[Tensor | None, int]]) -> list[int]:
+    """The parameters whose ``.grad`` the backward pass set or accumulated into."""
+    reached = []
+    for key, p in params.items():
+        grad, (old, version) = p.grad, before[key]
+        if grad is not None and (grad is not old or grad._version != version):
+            reached.append(key)
+    return reached
 
 
 def _store_into(store: dict[int, Tensor], key: int):

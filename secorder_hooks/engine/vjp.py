@@ -46,6 +46,9 @@ def batched_grad(
         unused[:] = [g is None for g in grads]
         return tuple(vs[0].new_zeros(()) if g is None else g for g in grads)
 
+    if vectors[0].shape[0] == 1:  # one vector: no vectorization needed
+        grads = torch.autograd.grad(outputs, inputs, [v[0] for v in vectors], True, create_graph, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
         result = torch.func.vmap(one)(*vectors)
     except RuntimeError:  # torch.func refuses the graph: the legacy vmap, else one vector at a time

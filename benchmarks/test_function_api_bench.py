@@ -7,7 +7,8 @@
   double backward per element, measured on a subset of elements and extrapolated; the
   vectorized path should be at least 50x faster.
 
-Run ``pytest benchmarks/bench_function_api.py`` (``--benchmark-disable`` for a smoke run).
+``pytest benchmarks/`` runs the pytest-benchmark cases; ``python benchmarks/test_function_api_bench.py``
+prints the two ratios, measured in one run (never asserted: timings are not tests).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _best_of(fn, repeats: int = 5) -> float:
     return best
 
 
-def test_model_hessian_diagonal_overhead(problem: Problem) -> None:
+def model_hessian_diagonal_overhead(problem: Problem) -> float:
     """Same-run ratio function / engine step, interleaved, best of 7 each (target <= 1.2)."""
     engine, function = _engine_step(problem), _function_step(problem)
     best = {engine: float("inf"), function: float("inf")}
@@ -80,8 +81,7 @@ def test_model_hessian_diagonal_overhead(problem: Problem) -> None:
             fn()
             best[fn] = min(best[fn], time.perf_counter() - start)
     ratio = best[function] / best[engine]
-    print(f"\nproblem {problem.name.value}: model_hessian_diagonal / engine DiagHessian = {ratio:.2f}")
-    assert ratio < 1.2
+    return ratio
 
 
 # ----------------------------------------------------------------------------- generic path
@@ -131,15 +131,28 @@ def test_per_element_baseline_mlp5000(benchmark) -> None:
     benchmark.extra_info["extrapolated_full_s"] = seconds * total / BASELINE_ELEMENTS
 
 
-def test_hessian_diagonal_speedup_over_per_element() -> None:
-    """Same-run ratio (extrapolated per-element baseline) / vectorized (target >= 50)."""
+def hessian_diagonal_speedup() -> tuple[int, float, float]:
+    """Same run: (parameters, vectorized seconds, extrapolated per-element seconds); target ratio >= 50."""
     setup_torch()
     model, x, y = _mlp5000()
     total = sum(p.numel() for p in model.parameters())
     vectorized = _best_of(_vectorized(model, x, y), repeats=3)
     baseline = min(_per_element(model, x, y, BASELINE_ELEMENTS) for _ in range(3)) * total / BASELINE_ELEMENTS
+    return total, vectorized, baseline
+
+
+def main() -> None:
+    """Print the two ratios the function-API issue targets (measured, never asserted)."""
+    setup_torch()
+    for name in STANDARD:
+        ratio = model_hessian_diagonal_overhead(make_problem(name))
+        print(f"model_hessian_diagonal / engine DiagHessian on {name.value}: {ratio:.2f} (target <= 1.2)")
+    total, vectorized, baseline = hessian_diagonal_speedup()
     print(
-        f"\nMLP with {total} parameters: vectorized {vectorized:.3f} s, per element {baseline:.2f} s (extrapolated), "
-        f"speed-up {baseline / vectorized:.0f}x"
+        f"hessian_diagonal on an MLP with {total} parameters: {vectorized:.3f} s; one double backward per element: "
+        f"{baseline:.1f} s (extrapolated); speed-up {baseline / vectorized:.0f}x (target >= 50)"
     )
-    assert baseline / vectorized >= 50
+
+
+if __name__ == "__main__":
+    main()
