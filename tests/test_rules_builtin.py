@@ -295,6 +295,23 @@ RULE_CASES = [
         id="conv2d",
     ),
     pytest.param(lambda: nn.Conv2d(8, 8, 2), (N, 8, 3, 3), ConvRule, id="conv2d-gram-regime"),
+    # from GROUPED_MIN_CHANNELS input channels per group: one grouped convolution's weight gradient
+    pytest.param(lambda: nn.Conv1d(16, 6, 3, stride=2, padding=1, groups=2), (N, 16, 9), ConvRule, id="conv1d-grouped"),
+    pytest.param(
+        lambda: nn.Conv2d(8, 4, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 1), padding_mode="reflect"),
+        (N, 8, 6, 5),
+        ConvRule,
+        id="conv2d-grouped-reflect",
+    ),
+    pytest.param(
+        lambda: nn.Conv2d(16, 4, 2, padding="same", groups=2, bias=False), (N, 16, 4, 5), ConvRule, id="conv2d-same"
+    ),
+    pytest.param(
+        lambda: nn.Conv3d(8, 3, 2, stride=(2, 1, 1), padding=1, padding_mode="circular"),
+        (N, 8, 4, 3, 3),
+        ConvRule,
+        id="conv3d-grouped-circular",
+    ),
     pytest.param(
         lambda: nn.Conv3d(2, 2, 2, stride=(2, 1, 1), padding=1, padding_mode="circular", bias=False),
         (N, 2, 4, 3, 3),

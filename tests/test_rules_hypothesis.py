@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from secorder_hooks.rules.base import rule_for, trainable_parameters
+from secorder_hooks.rules.conv import GROUPED_MIN_CHANNELS
 
 DT = torch.float64
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -76,7 +77,9 @@ def linear_cases(draw: st.DrawFn) -> tuple[nn.Module, Tensor, int]:
 def conv_cases(draw: st.DrawFn) -> tuple[nn.Module, Tensor, int]:
     dim = draw(st.sampled_from([1, 2, 3]))
     groups = draw(st.integers(1, 3))
-    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    # few channels per group take the patch path, GROUPED_MIN_CHANNELS or more the grouped-convolution one
+    c_in = groups * draw(st.sampled_from([1, 2, GROUPED_MIN_CHANNELS]))
+    c_out = groups * draw(st.integers(1, 2))
     kernel = tuple(draw(st.integers(1, 3)) for _ in range(dim))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
     padding_mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))

@@ -42,16 +42,30 @@ class Contributions:
     @classmethod
     def collect(cls, session: Session) -> Contributions:
         """Group the calls reached by the last ordinary backward pass by parameter."""
-        return cls.of([rec for rec in session.records if rec.reached])
+        return cls.of([rec for rec in session.records if rec.reached], session.rules, session.owned)
 
     @classmethod
-    def of(cls, records: Sequence[CallRecord]) -> Contributions:
-        """Group ``records`` by the trainable parameters of their modules."""
+    def of(
+        cls,
+        records: Sequence[CallRecord],
+        rules: dict[nn.Module, LayerRule] | None = None,
+        owned: dict[nn.Module, dict[str, nn.Parameter]] | None = None,
+    ) -> Contributions:
+        """Group ``records`` by the trainable parameters of their modules.
+
+        Args:
+            records: The calls.
+            rules: Known rule of each module (looked up where missing).
+            owned: Known covered trainable parameters of each module (looked up where missing).
+        """
         result = cls()
+        rules, owned = rules or {}, owned or {}
         for rec in records:
-            if rec.module not in result.rules:
-                result.rules[rec.module] = rule_for(rec.module)
-            for name, p in rule_parameters(result.rules[rec.module], rec.module).items():
+            module = rec.module
+            if module not in result.rules:
+                result.rules[module] = rules[module] if module in rules else rule_for(module)
+            params = owned[module] if module in owned else rule_parameters(result.rules[module], module)
+            for name, p in params.items():
                 result.by_param.setdefault(id(p), []).append((rec, name))
         return result
 
@@ -143,14 +157,22 @@ def assemble_first_order(session: Session, contributions: Contributions, param_g
             if SumGradSquared in wanted:
                 p.sum_grad_squared = sum_sq
             if Variance in wanted:
-                p.variance = _variance(sum_sq, param_grads[key], _batch_size(parts))
+                # sum_sq is a fresh tensor of the rule's; overwrite it unless it is also the result
+                p.variance = _variance(sum_sq, param_grads[key], _batch_size(parts), SumGradSquared not in wanted)
         if BatchL2Grad in wanted:
             p.batch_l2 = results.squared_norms(parts)[0]
 
 
-def _variance(sum_sq: Tensor, grad: Tensor, n: int) -> Tensor:
-    r""":math:`\frac1N \sum_n g_n^2 - (\frac1N \sum_n g_n)^2 = (\sum_n g_n^2 - g^2 / N) / N`, clamped at 0."""
-    return torch.addcmul(sum_sq, grad, grad, value=-1.0 / n).div_(n).clamp_(min=0)
+def _variance(sum_sq: Tensor, grad: Tensor, n: int, in_place: bool) -> Tensor:
+    r""":math:`\frac1N \sum_n g_n^2 - (\frac1N \sum_n g_n)^2 = (\sum_n g_n^2 - g^2 / N) / N`, clamped at 0.
+
+    With ``in_place`` the result is written into ``sum_sq`` (one pass, no new tensor).
+    """
+    if in_place and not sum_sq.requires_grad:
+        out = sum_sq.addcmul_(grad, grad, value=-1.0 / n)
+    else:
+        out = torch.addcmul(sum_sq, grad, grad, value=-1.0 / n)
+    return out.div_(n).clamp_(min=0)
 
 
 def _batch_size(parts: Sequence[tuple[CallRecord, str]]) -> int:

@@ -81,6 +81,8 @@ class CallRecord:
 
         Outputs that received no gradient get zeros.
         """
+        if len(self.grads) == 1 and self.grads[0] is not None:
+            return self.grads[0].unsqueeze(0)
         grads = tuple((self.zeros_like_output(i) if g is None else g).unsqueeze(0) for i, g in enumerate(self.grads))
         return grads[0] if len(grads) == 1 else grads
 
@@ -141,10 +143,15 @@ class RecordStore:
             the autograd history of its base, and the gradient of the value the module
             returned would no longer be reachable.
         """
-        flat, spec = tree_flatten(output)
-        indices = tuple(i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad)
-        if not indices:
-            return None
+        if type(output) is Tensor:  # the common case, without the pytree round trip
+            if not output.requires_grad:
+                return None
+            flat, spec, indices = [output], None, (0,)
+        else:
+            flat, spec = tree_flatten(output)
+            indices = tuple(i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad)
+            if not indices:
+                return None
         replaced = False
         for i in indices:
             if flat[i]._is_view():
@@ -162,7 +169,9 @@ class RecordStore:
         for i, t in enumerate(outputs):
             t.register_hook(self._capture(rec, i))
         self._records.append(rec)
-        return tree_unflatten(flat, spec) if replaced else None
+        if not replaced:
+            return None
+        return flat[0] if spec is None else tree_unflatten(flat, spec)
 
     def _capture(self, rec: CallRecord, index: int):
         def hook(grad: Tensor) -> None:

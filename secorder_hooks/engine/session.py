@@ -17,8 +17,8 @@ from secorder_hooks.engine.records import RecordStore
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
-from secorder_hooks.rules.base import rule_for
-from secorder_hooks.rules.generic import rule_parameters
+from secorder_hooks.rules.base import LayerRule, rule_for
+from secorder_hooks.rules.generic import GenericRule, rule_parameters
 
 __all__ = ["Session"]
 
@@ -48,9 +48,16 @@ class Session:
         self.owners: dict[int, list[nn.Module]] = {}
         self.param_names: dict[int, str] = {}
         self.module_names: dict[nn.Module, str] = {}
+        self.rules: dict[nn.Module, LayerRule] = {}
+        self.owned: dict[nn.Module, dict[str, nn.Parameter]] = {}
+        """Rule and covered trainable parameters of every module that has any."""
         for module_name, module in model.named_modules():
             self.module_names.setdefault(module, module_name)
-            for p_name, p in rule_parameters(rule_for(module), module).items():
+            rule = rule_for(module)
+            owned = _covered_parameters(rule, module)
+            if owned:
+                self.rules[module], self.owned[module] = rule, owned
+            for p_name, p in owned.items():
                 self.params[id(p)] = p
                 self.owners.setdefault(id(p), []).append(module)
                 self.param_names.setdefault(id(p), f"{module_name}.{p_name}" if module_name else p_name)
@@ -72,14 +79,10 @@ class Session:
     def open(self) -> None:
         """Register the hooks and push the torch-function mode."""
         try:
-            seen: set[nn.Module] = set()
             for module, name in self.module_names.items():
-                if module in seen:
-                    continue
-                seen.add(module)
                 if isinstance(module, _BatchNorm):
                     self._handles.append(module.register_forward_hook(self._check_batchnorm))
-                if rule_parameters(rule_for(module), module):
+                if module in self.owned:
                     self._handles.append(module.register_forward_pre_hook(self._enter_module))
                     self._handles.append(
                         module.register_forward_hook(self._record_call(name), with_kwargs=True, always_call=True)
@@ -139,14 +142,11 @@ class Session:
 
         The result is kept so the backward pass can tell whether the loss depends on it.
         """
-        for arg in (*args, *kwargs.values()):
-            candidates = arg if isinstance(arg, (list, tuple)) else (arg,)
-            for a in candidates:
-                if (
-                    isinstance(a, nn.Parameter)
-                    and id(a) in self.owners
-                    and not any(self._active[id(m)] > 0 for m in self.owners[id(a)])
-                ):
+        owners = self.owners
+        for arg in (*args, *kwargs.values()) if kwargs else args:
+            # a dict lookup by id first: the session holds its parameters, so a hit is one of them
+            for a in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if id(a) in owners and not any(self._active[id(m)] > 0 for m in owners[id(a)]):
                     self.misused.append((self.param_names[id(a)], result))
 
     # ----------------------------------------------------------------- backward
@@ -169,3 +169,21 @@ class Session:
         finally:
             self._in_backward = False
             self.records.capturing = False
+
+
+def _covered_parameters(rule: LayerRule, module: nn.Module) -> dict[str, nn.Parameter]:
+    """:func:`~secorder_hooks.rules.generic.rule_parameters`, read off ``module._parameters`` where it can.
+
+    A rule without a ``parameters`` method, or the generic rule without ``children``, covers the
+    module's own trainable parameters (first name of each, as ``named_parameters`` gives them).
+    """
+    covered = getattr(rule, "parameters", None)
+    if covered is None or (type(rule) is GenericRule and not rule.children):
+        own: dict[str, nn.Parameter] = {}
+        seen: set[int] = set()
+        for name, p in module._parameters.items():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                own[name] = p
+        return own
+    return rule_parameters(rule, module)

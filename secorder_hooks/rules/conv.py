@@ -18,15 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from math import prod
 
+import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from secorder_hooks.errors import UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule
-from secorder_hooks.rules.linear import outer_sum_squared_norms, outer_sum_weighted_squares, outer_sums
+from secorder_hooks.rules.linear import _chunks, outer_sum_squared_norms, outer_sum_weighted_squares, outer_sums
 
-__all__ = ["ConvRule", "conv_padding", "unfold_patches"]
+__all__ = ["ConvRule", "conv_padding", "grouped_weight_grads", "shifted_weight_grads", "unfold_patches"]
 
 
 def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -67,6 +68,8 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
             f"batched input [N, C, *spatial] with {d} spatial dims (add a batch dimension)."
         )
     pads = conv_padding(module)
+    if d == 2:
+        return _unfold_2d(module, x, pads)
     if any(pads):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pads, mode=mode)
@@ -81,6 +84,144 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     x = x.permute(0, 1, *spatial, 2, *kernel)  # [N, G, *O, C_g, *K]
     out_locations = prod(x.shape[2 : 2 + d])
     return x.reshape(x.shape[0], module.groups, out_locations, -1)
+
+
+def _unfold_2d(module: nn.modules.conv._ConvNd, x: Tensor, pads: list[int]) -> Tensor:
+    """:func:`unfold_patches` of a 2-D convolution by :func:`torch.nn.functional.unfold` (im2col).
+
+    The result is a transposed view of the contiguous ``[N, G, C_g * kh * kw, P]`` patches,
+    which batched matrix products read without a copy.
+    """
+    w_left, w_right, h_left, h_right = pads
+    if module.padding_mode == "zeros" and w_left == w_right and h_left == h_right:
+        padding = (h_left, w_left)
+    else:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x, padding = F.pad(x, pads, mode=mode), (0, 0)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return cols.unflatten(1, (module.groups, -1)).transpose(-1, -2)
+
+
+def shifted_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output: Tensor) -> Tensor | None:
+    r"""Per-example weight gradients of a stride-1 :class:`~torch.nn.Conv2d` without unfolding patches.
+
+    With the padded input flattened row by row (row length :math:`W_p`) and the output
+    vectors zero-padded from :math:`W'` to :math:`W_p` columns, the patch entry of kernel
+    offset :math:`(i, j)` at output location :math:`t` is the flat input at
+    :math:`t + i d_h W_p + j d_w`: a contiguous window. So
+
+    .. math:: G_{n, o, c, i, j} = \sum_t \tilde v_{n o t}\, \tilde x_{n c, t + i d_h W_p + j d_w},
+
+    one batched matrix product per kernel offset on views (the zero columns cancel the
+    windows' wrap-around). No ``[N, C K, P]`` patch tensor is formed.
+
+    Args:
+        module: The convolution.
+        x: ``[N, C_in, H, W]`` input of the call.
+        grad_output: ``[V, N, C_out, H', W']`` vectors at the output.
+
+    Returns:
+        ``[V, N, *weight.shape]``, or ``None`` where the module is not a stride-1 ``Conv2d``
+        on a batched input (use :func:`unfold_patches`).
+    """
+    if not _shifted_applies(module, x):
+        return None
+    v, n, c_out, h_out, w_out = grad_output.shape
+    groups, (kh, kw), (dh, dw) = module.groups, module.kernel_size, module.dilation
+    pads = conv_padding(module)
+    if module.padding_mode == "zeros":
+        padded = F.pad(x, (*pads[:3], pads[3] + 1))  # one spare row: the last window overruns
+    else:
+        padded = F.pad(F.pad(x, pads, mode=module.padding_mode), (0, 0, 0, 1))
+    wp = padded.shape[-1]
+    t = h_out * wp
+    o_g, c_g = c_out // groups, x.shape[1] // groups
+    vectors = F.pad(grad_output, (0, wp - w_out)).reshape(v, n * groups, o_g, t)
+    vectors = vectors.permute(1, 0, 2, 3).reshape(n * groups, v * o_g, t)  # a view for V = 1
+    flat = padded.reshape(n * groups, c_g, -1)
+    windows = [flat[:, :, i * dh * wp + j * dw :][:, :, :t] for i in range(kh) for j in range(kw)]
+    vectors = vectors.transpose(1, 2)
+    grads = torch.stack([torch.bmm(w, vectors) for w in windows], -1)  # [N G, C_g, V O_g, K]
+    grads = grads.reshape(n, groups, c_g, v, o_g, kh, kw).permute(3, 0, 1, 4, 2, 5, 6)
+    return grads.reshape(v, n, *module.weight.shape)
+
+
+def grouped_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
+    r"""Per-example weight gradients as the weight gradient of one convolution with the examples as groups.
+
+    Stacking the ``N`` examples along the channel axis of a batch of one and using ``N G``
+    groups, group :math:`(n, g)` sees exactly example ``n``'s input channels of group ``g``
+    and its output vectors, so the convolution's own weight gradient
+    (``torch.ops.aten.convolution_backward``) is the stack of per-example gradients. The
+    ``V`` vectors are folded into the output channels of each group.
+
+    Args:
+        module: The convolution.
+        x: ``[N, C_in, *S]`` input of the call.
+        grad_output: ``[V, N, C_out, *O]`` vectors at the output.
+
+    Returns:
+        ``[V, N, *weight.shape]``.
+    """
+    v, n, c_out = grad_output.shape[:3]
+    d, groups = len(module.kernel_size), module.groups
+    pads = conv_padding(module)
+    symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(d))
+    if module.padding_mode == "zeros" and symmetric:
+        padding = [pads[2 * (d - 1 - i)] for i in range(d)]
+    else:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x, padding = F.pad(x, pads, mode=mode), [0] * d
+    o_g, c_g = c_out // groups, x.shape[1] // groups
+    out_sizes = grad_output.shape[3:]
+    vectors = grad_output.reshape(v, n * groups, o_g, *out_sizes).transpose(0, 1)  # a view for V = 1
+    vectors = vectors.reshape(1, n * groups * v * o_g, *out_sizes)
+    weight = x.new_empty(n * groups * v * o_g, c_g, *module.kernel_size)  # only its shape is read
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        vectors,
+        x.reshape(1, n * x.shape[1], *x.shape[2:]),
+        weight,
+        None,
+        list(module.stride),
+        padding,
+        list(module.dilation),
+        False,
+        [0] * d,
+        n * groups,
+        [False, True, False],
+    )
+    grads = grads.reshape(n * groups, v, o_g, c_g, *module.kernel_size).transpose(0, 1)
+    return grads.reshape(v, n, *module.weight.shape)
+
+
+#: Input channels per group from which :func:`grouped_weight_grads` beats the alternatives.
+GROUPED_MIN_CHANNELS = 8
+
+
+def _shifted_applies(module: nn.modules.conv._ConvNd, x: Tensor) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.stride) == (1, 1) and x.dim() == 4
+
+
+def _direct_applies(module: nn.modules.conv._ConvNd, x: Tensor) -> bool:
+    """Whether per-example gradients are formed without patches (then materializing them is cheapest)."""
+    batched = x.dim() == len(module.kernel_size) + 2
+    return batched and (x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS or _shifted_applies(module, x))
+
+
+def _weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
+    """``[V, N, *weight.shape]`` by the fastest applicable method."""
+    if x.dim() == len(module.kernel_size) + 2 and x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS:
+        return grouped_weight_grads(module, x, grad_output)
+    if _shifted_applies(module, x):
+        return shifted_weight_grads(module, x, grad_output)
+    g = _grouped_vectors(module, grad_output)
+    return outer_sums(g, unfold_patches(module, x)).reshape(*grad_output.shape[:2], *module.weight.shape)
+
+
+def _gram_is_cheaper(g: Tensor, patch_size: int) -> bool:
+    """Whether the Gram trick of :func:`~secorder_hooks.rules.linear.outer_sum_squared_norms` needs fewer flops."""
+    v, n, groups, t, o = g.shape
+    return n * groups * t * t * (patch_size + v * o) < v * n * groups * t * o * patch_size
 
 
 def _grouped_vectors(module: nn.modules.conv._ConvNd, grad_output: Tensor) -> Tensor:
@@ -103,9 +244,7 @@ class ConvRule(LayerRule):
         """``{name: [V, N, *p.shape]}``: per-example gradients of each vector (see the module docstring)."""
         grads: ParamDict = {}
         if module.weight.requires_grad:
-            x = unfold_patches(module, inputs[0].detach())
-            g = _grouped_vectors(module, grad_output)
-            grads["weight"] = outer_sums(g, x).reshape(*grad_output.shape[:2], *module.weight.shape)
+            grads["weight"] = _weight_grads(module, inputs[0].detach(), grad_output)
         if module.bias is not None and module.bias.requires_grad:
             grads["bias"] = grad_output.flatten(3).sum(-1)
         return grads
@@ -121,10 +260,13 @@ class ConvRule(LayerRule):
         r"""``{name: [N, *p] or p.shape}``: :math:`\sum_v w_{vn} (g^{(v)}_n)^2` (over ``n`` unless ``per_example``)."""
         result: ParamDict = {}
         if module.weight.requires_grad:
-            x = unfold_patches(module, inputs[0].detach())
-            g = _grouped_vectors(module, grad_output)
-            sq = outer_sum_weighted_squares(g, x, weights, per_example)
-            result["weight"] = sq.reshape(*sq.shape[: 1 if per_example else 0], *module.weight.shape)
+            x = inputs[0].detach()
+            if _direct_applies(module, x):
+                result["weight"] = self._direct_weighted_squares(module, x, grad_output, weights, per_example)
+            else:
+                g = _grouped_vectors(module, grad_output)
+                sq = outer_sum_weighted_squares(g, unfold_patches(module, x), weights, per_example)
+                result["weight"] = sq.reshape(*sq.shape[: 1 if per_example else 0], *module.weight.shape)
         if module.bias is not None and module.bias.requires_grad:
             b_sq = grad_output.flatten(3).sum(-1).square()
             if weights is not None:
@@ -136,11 +278,36 @@ class ConvRule(LayerRule):
         r"""``{name: [V, N]}``: :math:`\|g^{(v)}_n\|^2` per parameter tensor."""
         result: ParamDict = {}
         if module.weight.requires_grad:
-            x = unfold_patches(module, inputs[0].detach())
-            result["weight"] = outer_sum_squared_norms(_grouped_vectors(module, grad_output), x)
+            x = inputs[0].detach()
+            g = _grouped_vectors(module, grad_output)
+            if _direct_applies(module, x) and not _gram_is_cheaper(g, module.weight.numel() // module.weight.shape[0]):
+                result["weight"] = torch.cat(
+                    [
+                        _weight_grads(module, x, grad_output[s]).flatten(2).square_().sum(-1)
+                        for s in _chunks(g.shape[0], g.shape[1] * module.weight.numel())
+                    ]
+                )
+            else:
+                result["weight"] = outer_sum_squared_norms(g, unfold_patches(module, x))
         if module.bias is not None and module.bias.requires_grad:
             result["bias"] = grad_output.flatten(3).sum(-1).square().sum(-1)
         return result
+
+    @staticmethod
+    def _direct_weighted_squares(
+        module: nn.modules.conv._ConvNd, x: Tensor, grad_output: Tensor, weights: Tensor | None, per_example: bool
+    ) -> Tensor:
+        r""":math:`\sum_v w_{vn} G_{vn}^2` from materialized per-example gradients, in chunks of vectors."""
+        v, n = grad_output.shape[:2]
+        total = None
+        for s in _chunks(v, n * module.weight.numel()):
+            sq = _weight_grads(module, x, grad_output[s]).square_()
+            if weights is not None:
+                sq.mul_(weights[s].reshape(*weights[s].shape, *([1] * (sq.dim() - 2))))
+            part = sq.sum(0) if per_example else sq.sum((0, 1))
+            total = part if total is None else total.add_(part)
+        assert total is not None
+        return total
 
     def output_curvature(
         self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor, per_example: bool

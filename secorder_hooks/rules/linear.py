@@ -56,6 +56,10 @@ def _chunks(v: int, per_vector: int) -> list[slice]:
 def outer_sums(g: Tensor, x: Tensor) -> Tensor:
     r"""Per-example grouped outer-product sums :math:`\sum_t g_{vngt} x_{ngt}^\top`.
 
+    Without positions (``T = 1``) this is one broadcast product; for one vector (``V = 1``)
+    one batched matrix product over ``(n, g)`` that reads ``g`` and ``x`` without copies
+    when their last two axes are strided like a (transposed) matrix.
+
     Args:
         g: ``[V, N, G, T, O]`` output vectors.
         x: ``[N, G, T, I]`` inputs.
@@ -63,7 +67,11 @@ def outer_sums(g: Tensor, x: Tensor) -> Tensor:
     Returns:
         ``[V, N, G, O, I]``.
     """
-    return einsum(g, x, "v n g t o, n g t i -> v n g o i")
+    if g.shape[3] == 1:
+        return g[:, :, :, 0, :, None] * x[:, :, 0, None, :]
+    if g.shape[0] == 1:
+        return torch.matmul(g[0].transpose(-1, -2), x).unsqueeze(0)
+    return torch.einsum("vngto,ngti->vngoi", g, x)
 
 
 def outer_sum_squared_norms(g: Tensor, x: Tensor, strategy: NormStrategy = NormStrategy.AUTO) -> Tensor:
@@ -79,12 +87,15 @@ def outer_sum_squared_norms(g: Tensor, x: Tensor, strategy: NormStrategy = NormS
     """
     v, n, groups, t, o = g.shape
     i = x.shape[-1]
+    if t == 1 and strategy is NormStrategy.AUTO:
+        # ||g x^T||^2 = ||g||^2 ||x||^2 for each group
+        return (g[:, :, :, 0].square().sum(-1) * x[:, :, 0].square().sum(-1)).sum(-1)
     if strategy is NormStrategy.AUTO:
         gram_flops = n * groups * t * t * (i + v * o)
         materialize_flops = v * n * groups * t * o * i
         strategy = NormStrategy.GRAM if gram_flops < materialize_flops else NormStrategy.MATERIALIZE
     if strategy is NormStrategy.MATERIALIZE:
-        parts = [outer_sums(g[s], x).square().sum((2, 3, 4)) for s in _chunks(v, n * groups * o * i)]
+        parts = [outer_sums(g[s], x).square_().sum((2, 3, 4)) for s in _chunks(v, n * groups * o * i)]
         return torch.cat(parts)
     x_gram = einsum(x, x, "n g t i, n g s i -> n g t s")
     parts = [
@@ -111,18 +122,23 @@ def outer_sum_weighted_squares(g: Tensor, x: Tensor, weights: Tensor | None, per
     """
     v, n, groups, t, o = g.shape
     if t == 1:
-        g_sq = g[:, :, :, 0].square()
+        g_sq = g[:, :, :, 0].square()  # [V, N, G, O]
         if weights is not None:
             g_sq = g_sq * weights[:, :, None, None]
-        pattern = "n g o, n g i -> n g o i" if per_example else "n g o, n g i -> g o i"
-        return einsum(g_sq.sum(0), x[:, :, 0].square(), pattern)
+        g_sq = g_sq[0] if v == 1 else g_sq.sum(0)
+        x_sq = x[:, :, 0].square()  # [N, G, I]
+        if per_example:
+            return g_sq[..., None] * x_sq[:, :, None, :]
+        if groups == 1:
+            return torch.mm(g_sq[:, 0].t(), x_sq[:, 0]).unsqueeze(0)
+        return torch.bmm(g_sq.permute(1, 2, 0), x_sq.transpose(0, 1))
     total = None
     for s in _chunks(v, n * groups * o * x.shape[-1]):
-        sq = outer_sums(g[s], x).square()
+        sq = outer_sums(g[s], x).square_()
         if weights is not None:
-            sq = sq * weights[s, :, None, None, None]
+            sq.mul_(weights[s, :, None, None, None])
         part = sq.sum(0) if per_example else sq.sum((0, 1))
-        total = part if total is None else total + part
+        total = part if total is None else total.add_(part)
     assert total is not None
     return total
 
@@ -144,13 +160,19 @@ class LinearRule(LayerRule):
 
     def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
         """``{name: [V, N, *p.shape]}``: per-example gradients of each vector (see the module docstring)."""
-        x = _flat_positions(inputs[0].detach())
-        g = grad_output.reshape(*grad_output.shape[:2], -1, grad_output.shape[-1])
+        x = inputs[0].detach()
         grads: ParamDict = {}
+        if x.dim() == 2:  # one broadcast product, no positions to sum
+            if module.weight.requires_grad:
+                grads["weight"] = grad_output.unsqueeze(-1) * x.unsqueeze(-2)
+            if module.bias is not None and module.bias.requires_grad:
+                grads["bias"] = grad_output.clone()
+            return grads
+        x, g = _grouped(x, grad_output)
         if module.weight.requires_grad:
-            grads["weight"] = einsum(g, x, "v n t o, n t i -> v n o i")
+            grads["weight"] = outer_sums(g, x).squeeze(2)
         if module.bias is not None and module.bias.requires_grad:
-            grads["bias"] = g.sum(2)
+            grads["bias"] = g.sum((2, 3))
         return grads
 
     def weighted_squared_sum(
@@ -161,22 +183,50 @@ class LinearRule(LayerRule):
         weights: Tensor | None,
         per_example: bool,
     ) -> ParamDict:
-        r"""``{name: [N, *p] or p.shape}``: :math:`\sum_v w_{vn} (g^{(v)}_n)^2` (over ``n`` unless ``per_example``)."""
-        x, g = _grouped(inputs[0].detach(), grad_output)
+        r"""``{name: [N, *p] or p.shape}``: :math:`\sum_v w_{vn} (g^{(v)}_n)^2` (over ``n`` unless ``per_example``).
+
+        For ``[N, in]`` inputs both parameters come from :math:`s_n = \sum_v w_{vn} g_{vn}^2`:
+        the weight's is :math:`s_n (x_n^2)^\top` (one matrix product when summed over ``n``),
+        the bias's is :math:`s_n`.
+        """
+        x = inputs[0].detach()
         result: ParamDict = {}
+        if x.dim() == 2:
+            g_sq = grad_output.square()  # [V, N, O]
+            if weights is not None:
+                g_sq = g_sq * weights.unsqueeze(-1)
+            g_sq = g_sq.squeeze(0) if g_sq.shape[0] == 1 else g_sq.sum(0)
+            if module.weight.requires_grad:
+                x_sq = x.square()
+                result["weight"] = g_sq.unsqueeze(2) * x_sq.unsqueeze(1) if per_example else torch.mm(g_sq.t(), x_sq)
+            if module.bias is not None and module.bias.requires_grad:
+                result["bias"] = g_sq if per_example else g_sq.sum(0)
+            return result
+        x, g = _grouped(x, grad_output)
         if module.weight.requires_grad:
             result["weight"] = outer_sum_weighted_squares(g, x, weights, per_example).squeeze(-3)
         if module.bias is not None and module.bias.requires_grad:
-            b_sq = g.sum(3)[:, :, 0].square()
+            b_sq = g.sum((2, 3)).square()
             if weights is not None:
                 b_sq = b_sq * weights.unsqueeze(-1)
             result["bias"] = b_sq.sum(0) if per_example else b_sq.sum((0, 1))
         return result
 
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
-        r"""``{name: [V, N]}``: :math:`\|g^{(v)}_n\|^2` per parameter tensor."""
-        x, g = _grouped(inputs[0].detach(), grad_output)
+        r"""``{name: [V, N]}``: :math:`\|g^{(v)}_n\|^2` per parameter tensor.
+
+        For ``[N, in]`` inputs the weight's is :math:`\|g_{vn}\|^2 \|x_n\|^2`.
+        """
+        x = inputs[0].detach()
         result: ParamDict = {}
+        if x.dim() == 2:  # norms by reductions that form no squared copy
+            g_norms = torch.linalg.vector_norm(grad_output, dim=-1).square_()  # [V, N]
+            if module.weight.requires_grad:
+                result["weight"] = g_norms * torch.linalg.vector_norm(x, dim=-1).square_()
+            if module.bias is not None and module.bias.requires_grad:
+                result["bias"] = g_norms
+            return result
+        x, g = _grouped(x, grad_output)
         if module.weight.requires_grad:
             result["weight"] = outer_sum_squared_norms(g, x)
         if module.bias is not None and module.bias.requires_grad:
@@ -196,3 +246,14 @@ class LinearRule(LayerRule):
         if module.bias is not None and module.bias.requires_grad:
             result["bias"] = r.sum(1) if per_example else r.sum((0, 1))
         return result
+
+    def input_curvature(self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor) -> Tensor:
+        r"""``[N, *, in]``: :math:`\sum_o r_{n\ldots o} W_{oi}^2`.
+
+        The input Jacobian is :math:`W` at every position.
+        """
+        return output_weights @ module.weight.detach().square()
+
+    def touches_one_output(self, module: nn.Module, inputs: Sequence[Tensor]) -> bool:
+        """True for ``[N, in]`` inputs: ``W[o, i]`` and ``b[o]`` only reach ``out[n, o]``."""
+        return inputs[0].dim() == 2
