@@ -124,7 +124,7 @@ def shifted_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output
         ``[V, N, *weight.shape]``, or ``None`` where the module is not a stride-1 ``Conv2d``
         on a batched input (use :func:`unfold_patches`).
     """
-    if not _shifted_applies(module, x):
+    if not _shifted_applies(module, x, vectors=1):
         return None
     v, n, c_out, h_out, w_out = grad_output.shape
     groups, (kh, kw), (dh, dw) = module.groups, module.kernel_size, module.dilation
@@ -198,21 +198,22 @@ def grouped_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output
 GROUPED_MIN_CHANNELS = 8
 
 
-def _shifted_applies(module: nn.modules.conv._ConvNd, x: Tensor) -> bool:
-    return isinstance(module, nn.Conv2d) and tuple(module.stride) == (1, 1) and x.dim() == 4
+def _shifted_applies(module: nn.modules.conv._ConvNd, x: Tensor, vectors: int) -> bool:
+    """Whether :func:`shifted_weight_grads` applies and pays: one vector (more need strided copies)."""
+    return vectors == 1 and isinstance(module, nn.Conv2d) and tuple(module.stride) == (1, 1) and x.dim() == 4
 
 
-def _direct_applies(module: nn.modules.conv._ConvNd, x: Tensor) -> bool:
+def _direct_applies(module: nn.modules.conv._ConvNd, x: Tensor, vectors: int) -> bool:
     """Whether per-example gradients are formed without patches (then materializing them is cheapest)."""
     batched = x.dim() == len(module.kernel_size) + 2
-    return batched and (x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS or _shifted_applies(module, x))
+    return batched and (x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS or _shifted_applies(module, x, vectors))
 
 
 def _weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
     """``[V, N, *weight.shape]`` by the fastest applicable method."""
     if x.dim() == len(module.kernel_size) + 2 and x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS:
         return grouped_weight_grads(module, x, grad_output)
-    if _shifted_applies(module, x):
+    if _shifted_applies(module, x, grad_output.shape[0]):
         return shifted_weight_grads(module, x, grad_output)
     g = _grouped_vectors(module, grad_output)
     return outer_sums(g, unfold_patches(module, x)).reshape(*grad_output.shape[:2], *module.weight.shape)
@@ -261,7 +262,7 @@ class ConvRule(LayerRule):
         result: ParamDict = {}
         if module.weight.requires_grad:
             x = inputs[0].detach()
-            if _direct_applies(module, x):
+            if _direct_applies(module, x, grad_output.shape[0]):
                 result["weight"] = self._direct_weighted_squares(module, x, grad_output, weights, per_example)
             else:
                 g = _grouped_vectors(module, grad_output)
@@ -280,7 +281,8 @@ class ConvRule(LayerRule):
         if module.weight.requires_grad:
             x = inputs[0].detach()
             g = _grouped_vectors(module, grad_output)
-            if _direct_applies(module, x) and not _gram_is_cheaper(g, module.weight.numel() // module.weight.shape[0]):
+            patch_size = module.weight[0].numel()
+            if _direct_applies(module, x, grad_output.shape[0]) and not _gram_is_cheaper(g, patch_size):
                 result["weight"] = torch.cat(
                     [
                         _weight_grads(module, x, grad_output[s]).flatten(2).square_().sum(-1)
