@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import secorder_hooks as sh
+from secorder_hooks.engine import curvature
 from tests import reference, zoo
 
 GGN = (sh.DiagGGNExact(), sh.BatchDiagGGNExact())
@@ -145,6 +146,24 @@ def test_chunked_columns_give_the_same_result():
     for k, p in case.model.named_parameters():
         torch.testing.assert_close(p.diag_ggn_exact_batch, full[k][0])
         torch.testing.assert_close(p.diag_h_batch, full[k][1])
+
+
+@pytest.mark.parametrize("single_column_bytes", [0, 2**62], ids=["looped", "vectorized"])
+def test_default_column_chunking_is_exact(monkeypatch: pytest.MonkeyPatch, single_column_bytes: int) -> None:
+    """Above SINGLE_COLUMN_BYTES of activations per column, columns go one at a time by default."""
+    monkeypatch.setattr(curvature, "SINGLE_COLUMN_BYTES", single_column_bytes)
+    sizes: list[int | None] = []
+    split = curvature._split
+    monkeypatch.setattr(curvature, "_split", lambda sqrt, size: sizes.append(size) or split(sqrt, size))
+    case = zoo.make("resnet_block", torch.float64)
+    loss_fn = case.loss_fn("sum")
+    run(case.model, loss_fn, case.x, case.y, *GGN)
+    assert sizes == [1 if single_column_bytes == 0 else None]
+    assert_matches(
+        case.model,
+        "diag_ggn_exact_batch",
+        reference.ggn_diagonal(case.model, loss_fn, case.x, case.y, per_example=True),
+    )
 
 
 def test_first_and_second_order_in_one_backward():

@@ -16,7 +16,10 @@ class EngineOptions:
             (``C`` loss-Hessian square-root columns for a ``C``-class output, one column
             per activation element for Hessian residuals). Peak memory grows linearly with
             the number of columns processed at once; this bounds it, at the price of one
-            vectorized backward per chunk. ``None`` processes all columns at once.
+            vectorized backward per chunk. ``None`` chooses: the loss-Hessian columns go
+            all at once, or one at a time when the recorded layer outputs exceed
+            :data:`~secorder_hooks.engine.curvature.SINGLE_COLUMN_BYTES` per column (then a
+            loop is faster and lighter); residual columns go all at once.
     """
 
     column_chunk_size: int | None = None

@@ -11,6 +11,7 @@ instead, whose batching rules cover these kernels (25x faster there), and falls 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +51,9 @@ def batched_grad(
         grads = torch.autograd.grad(outputs, inputs, [v[0] for v in vectors], True, create_graph, allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
-        result = torch.func.vmap(one)(*vectors)
+        with warnings.catch_warnings():  # kernels without a batching rule run per vector, still exact
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+            result = torch.func.vmap(one)(*vectors)
     except RuntimeError:  # torch.func refuses the graph: the legacy vmap, else one vector at a time
         try:
             return list(

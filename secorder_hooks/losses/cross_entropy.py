@@ -55,20 +55,20 @@ class SoftmaxLossTerm(LossTerm):
         self.shape = probs.shape
 
     def sqrt_hessian(self) -> SqrtColumns:
-        r"""``K = C * prod(d)`` exact columns; column ``(k, j)`` lives at position ``j`` only.
+        r"""``K = (C - 1) * prod(d)`` exact columns; column ``(k, j)`` lives at position ``j`` only.
 
         Returns:
-            Columns ``[C * prod(d), N, C, *d]`` (class-major order) and weights ``[K, N]`` (signs of
-            :math:`a`, ``None`` where all :math:`a \ge 0`). Positions need separate columns: sharing
-            one column across positions would add cross-position terms to the example's block.
+            Columns ``[(C - 1) * prod(d), N, C, *d]`` (class-major order; one column for
+            ``C = 1``) and weights ``[K, N]`` (signs of :math:`a`, ``None`` where all
+            :math:`a \ge 0`). Positions need separate columns: sharing one column across
+            positions would add cross-position terms to the example's block.
         """
         n, n_classes, positions = self.shape[0], self.shape[1], self.shape[2:]
         n_pos = math.prod(positions)
         p = self.probs.reshape(n, n_classes, n_pos)
         scale, sign = signed_sqrt(self.factors.reshape(n, n_pos))  # [N, D]
-        eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
-        # cols[k, n, c, j] = sqrt(a_nj p_nkj) (delta_kc - p_ncj)
-        cols = (eye[:, None, :, None] - p[None]) * (p.sqrt() * scale[:, None, :]).transpose(0, 1)[:, :, None, :]
+        cols = _rank_deficient_sqrt(p) * scale[None, :, None, :]  # [C - 1, N, C, D]
+        n_classes = cols.shape[0]
         if n_pos == 1:
             columns = cols.reshape(n_classes, *self.shape)
             weights = None if sign is None else sign.T.expand(n_classes, n)
@@ -96,6 +96,35 @@ class SoftmaxLossTerm(LossTerm):
         scale = (self.factors.reshape(-1, 1) / mc_samples).sqrt()
         cols = (flat[None] - one_hot) * scale
         return cols.reshape(mc_samples, self.shape[0], *self.shape[2:], n_classes).movedim(-1, 2)
+
+
+def _rank_deficient_sqrt(p: Tensor) -> Tensor:
+    r"""``[C - 1, N, C, D]`` columns :math:`S` with :math:`S S^\top = \operatorname{diag}(p) - p p^\top` per ``(n, d)``.
+
+    :math:`B = \operatorname{diag}(q) - p q^\top` with :math:`q = \sqrt{p}` is a square root
+    with :math:`B q = 0`. The Householder reflection :math:`P` that maps :math:`q` to the unit
+    vector :math:`e_m` of the least likely class keeps :math:`(BP)(BP)^\top = B B^\top` and
+    zeroes column ``m`` of :math:`BP = B + 2 b_m u^\top / u^\top u` (:math:`u = q - e_m`,
+    :math:`u^\top u = 2 - 2 q_m \ge 2 - 2/\sqrt{C}`): dropping it leaves ``C - 1`` columns, so the
+    column backward does ``1/C`` less work. ``C = 1`` keeps its one (zero) column.
+
+    Args:
+        p: ``[N, C, D]`` probabilities over axis 1.
+    """
+    n_classes = p.shape[1]
+    q = p.sqrt()
+    eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
+    b = (eye[:, None, :, None] - p[None]) * q.transpose(0, 1)[:, :, None, :]  # b[k, n, c, d] = q_k (δ_kc - p_c)
+    if n_classes == 1:
+        return b
+    m = p.argmin(1, keepdim=True)  # [N, 1, D]
+    u = q - F.one_hot(m[:, 0], n_classes).movedim(-1, 1).to(p.dtype)  # [N, C, D]
+    b_m = b.gather(0, m[None].expand(1, -1, n_classes, -1))[0]  # [N, C, D]
+    coeff = 2 * u / u.square().sum(1, keepdim=True)  # [N, C, D]
+    reflected = b + b_m[None] * coeff.transpose(0, 1)[:, :, None, :]
+    # column m is zero: overwrite it with the last column and drop the last
+    last = reflected[-1:].expand(1, -1, -1, -1)
+    return reflected.scatter(0, m[None].expand(1, -1, n_classes, -1), last)[:-1]
 
 
 def _check_logits(x: Tensor, name: str) -> None:
