@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from functools import partial
 
-from ours import OurQuantity, alloc_step, engine_step, plain_step, try_step
+from ours import ATTRIBUTES, OurQuantity, alloc_step, engine_step, plain_step, try_step
 from problems import STANDARD, ProblemName, make_problem
-from timing import Ratio, machine_description, setup_torch, time_interleaved
+from timing import Ratio, machine_description, reset_parameters, setup_torch, time_interleaved
 
 __all__ = ["BACKPACK", "Target", "TARGETS", "measure", "render", "main"]
 
@@ -94,7 +95,10 @@ def measure(
                 steps[quantity.value] = step
             else:
                 cells[quantity.value] = error
-        cells.update(time_interleaved(steps, baseline=T0, reps=reps, min_time=min_time))
+        release = partial(reset_parameters, problem.model, ATTRIBUTES)  # frees a step's results, untimed
+        cells.update(
+            time_interleaved(steps, baseline=T0, reps=reps, min_time=min_time, cleanups=dict.fromkeys(steps, release))
+        )
         results[name] = cells
         print(f"# measured {name.value} (T0 = {cells[T0].seconds * 1e3:.2f} ms)", file=sys.stderr)
     return results
