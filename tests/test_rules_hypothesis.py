@@ -121,3 +121,21 @@ def test_linear_rule_properties(case: tuple[nn.Module, Tensor, int]) -> None:
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 def test_conv_rule_properties(case: tuple[nn.Module, Tensor, int]) -> None:
     check(*case)
+
+
+EXHAUSTIVE = settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.slow
+@EXHAUSTIVE
+@given(linear_cases())
+def test_linear_rule_properties_exhaustive(case: tuple[nn.Module, Tensor, int]) -> None:
+    check(*case)
+
+
+@pytest.mark.slow
+@EXHAUSTIVE
+@given(conv_cases())
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_conv_rule_properties_exhaustive(case: tuple[nn.Module, Tensor, int]) -> None:
+    check(*case)
