@@ -280,11 +280,14 @@ def _over_examples(
 
     Some operators lack (correct) vmap batching rules, e.g. the double backward of
     ``prelu``; the loop computes the same quantity, so an error it raises is genuine.
+    Attention runs in the math kernel, made of batchable operations: ``vmap`` runs the
+    fused CPU kernel, which has no batching rule, once per example (3x slower on the
+    transformer benchmark).
     """
     key = (type(module), one_by_one.__qualname__)
     if layout.vectorize and key not in _UNBATCHABLE:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 return vectorized()
         except RuntimeError:
