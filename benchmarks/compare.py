@@ -19,6 +19,7 @@ for ``T0``. Writes ``compare.md``, ``compare.rst`` (included by ``docs/benchmark
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -26,13 +27,14 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ours import OurQuantity, plain_step
 from peers import Built, Method, NotRunError, Peer, Result, methods_for
 from problems import ALL, ProblemName, make_problem
 from report import Report, load, write_outputs
-from timing import machine_description, setup_torch, time_interleaved
+from timing import machine_description, reset_parameters, setup_torch, time_interleaved
 
 __all__ = ["Outcome", "agreement", "compare_problem", "main"]
 
@@ -131,14 +133,24 @@ def _read_status(field_name: str) -> float:
 
 
 def memory_child(problem: str, key: str, steps: int = 2) -> None:
-    """Subprocess body: set up, reset the high-water mark, run ``steps`` steps, print the rise."""
+    """Subprocess body: set up, warm up, reset the high-water mark, run ``steps`` steps, print the rise.
+
+    The warm-up step absorbs one-time costs that are not the method's memory (lazy imports:
+    the first ``torch.autograd.grad`` with ``grad_outputs`` imports sympy, about 40 MB);
+    its results are released before the base is read.
+    """
     setup_torch()
     name = ProblemName(problem)
     if key == T0:
-        step = plain_step(make_problem(name))
+        model_problem = make_problem(name)
+        step, release = plain_step(model_problem), partial(reset_parameters, model_problem.model)
     else:
         (method,) = [m for m in methods_for(list(Peer), list(OurQuantity)) if m.key == key]
-        step = method.build(make_problem(name)).step
+        built = method.build(make_problem(name))
+        step, release = built.step, built.release
+    step()
+    release()
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     base = _read_status("VmRSS")
