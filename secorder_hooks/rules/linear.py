@@ -32,8 +32,11 @@ __all__ = [
     "outer_sum_weighted_squares",
 ]
 
-#: Upper bound on the elements of one materialized chunk ``[v, N, G, O, I]``.
-CHUNK_ELEMENTS = 2**24
+#: Upper bound on the elements of one materialized chunk ``[v, N, G, O, I]``. Cache-sized
+#: (2 MiB in float32): the chunk is squared and summed while it is still in cache, which
+#: made the weighted squares of the transformer benchmark's Linear layers (9 vectors,
+#: ``[32, 16, 64]`` inputs) twice as fast as one 19 MB chunk.
+CHUNK_ELEMENTS = 2**19
 
 
 class NormStrategy(Enum):
