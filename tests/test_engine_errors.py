@@ -196,3 +196,19 @@ def test_memory_is_flat_over_iterations(name: str) -> None:
             step()
         end = _live_tensors()
     assert end <= start, f"{end - start} tensors leaked over 50 iterations"
+
+
+def test_a_step_leaves_no_cyclic_garbage() -> None:
+    """The session is freed by reference counting on exit: no work left for the garbage collector."""
+    case = zoo.make("mlp_relu", torch.float64)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with extend(case.model, *FIRST_ORDER) as session:
+            loss_of(case).backward()
+        session_ref = weakref.ref(session)
+        del session
+        assert session_ref() is None, "the session is kept alive by a reference cycle"
+    finally:
+        if enabled:
+            gc.enable()
