@@ -61,7 +61,7 @@ are backpropagated one at a time unless ``column_chunk_size`` says otherwise.
 Once a column's activations outgrow the caches, one vectorized backward of all ``V``
 columns loses to a loop: its batched kernels copy and zero-fill ``V`` times larger
 buffers. Measured on 2 cores (problem B of the benchmarks, a CNN with 6 MB of outputs
-per column): 10 columns at once 10.9 x T0, one at a time 5.5 x T0; on the MLP problems
+per column): all columns at once 10.9 x T0, one at a time 5.5 x T0; on the MLP problems
 (under 0.5 MB) the vectorized backward wins, 3.8 against 7.7 x T0.
 """
 _PER_EXAMPLE = (BatchDiagGGNExact, BatchDiagHessian)

@@ -13,10 +13,11 @@ class EngineOptions:
 
     Attributes:
         column_chunk_size: Curvature quantities backpropagate ``V`` columns per example
-            (``C`` loss-Hessian square-root columns for a ``C``-class output, one column
-            per activation element for Hessian residuals). Peak memory grows linearly with
-            the number of columns processed at once; this bounds it, at the price of one
-            vectorized backward per chunk. ``None`` chooses: the loss-Hessian columns go
+            (``C - 1`` loss-Hessian square-root columns for a ``C``-class softmax output,
+            ``C`` for ``C`` regression outputs, one column per activation element for
+            Hessian residuals). Peak memory grows linearly with the number of columns
+            processed at once; this bounds it, at the price of one vectorized backward per
+            chunk. ``None`` chooses: the loss-Hessian columns go
             all at once, or one at a time when the recorded layer outputs exceed
             :data:`~secorder_hooks.engine.curvature.SINGLE_COLUMN_BYTES` per column (then a
             loop is faster and lighter); residual columns go all at once.

@@ -114,7 +114,7 @@ def _rank_deficient_sqrt(p: Tensor) -> Tensor:
     n_classes = p.shape[1]
     q = p.sqrt()
     eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
-    b = (eye[:, None, :, None] - p[None]) * q.transpose(0, 1)[:, :, None, :]  # b[k, n, c, d] = q_k (δ_kc - p_c)
+    b = (eye[:, None, :, None] - p[None]) * q.transpose(0, 1)[:, :, None, :]  # b[k, n, c, d] = q_k (delta_kc - p_c)
     if n_classes == 1:
         return b
     m = p.argmin(1, keepdim=True)  # [N, 1, D]
