@@ -18,7 +18,7 @@ from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
 from secorder_hooks.rules.base import LayerRule, rule_for
-from secorder_hooks.rules.generic import GenericRule, rule_parameters
+from secorder_hooks.rules.generic import rule_parameters
 
 __all__ = ["Session"]
 
@@ -54,7 +54,7 @@ class Session:
         for module_name, module in model.named_modules():
             self.module_names.setdefault(module, module_name)
             rule = rule_for(module)
-            owned = _covered_parameters(rule, module)
+            owned = rule_parameters(rule, module)
             if owned:
                 self.rules[module], self.owned[module] = rule, owned
             for p_name, p in owned.items():
@@ -173,21 +173,3 @@ class Session:
         finally:
             self._in_backward = False
             self.records.capturing = False
-
-
-def _covered_parameters(rule: LayerRule, module: nn.Module) -> dict[str, nn.Parameter]:
-    """:func:`~secorder_hooks.rules.generic.rule_parameters`, read off ``module._parameters`` where it can.
-
-    A rule without a ``parameters`` method, or the generic rule without ``children``, covers the
-    module's own trainable parameters (first name of each, as ``named_parameters`` gives them).
-    """
-    covered = getattr(rule, "parameters", None)
-    if covered is None or (type(rule) is GenericRule and not rule.children):
-        own: dict[str, nn.Parameter] = {}
-        seen: set[int] = set()
-        for name, p in module._parameters.items():
-            if p is not None and p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                own[name] = p
-        return own
-    return rule_parameters(rule, module)

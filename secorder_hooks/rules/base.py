@@ -38,8 +38,19 @@ ParamDict = dict[str, Tensor]
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters owned directly by ``module`` (not its children) that require grad."""
-    return {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+    """The parameters owned directly by ``module`` (not its children) that require grad.
+
+    As ``module.named_parameters(recurse=False)`` (a parameter registered twice keeps its
+    first name), read off ``module._parameters``: the engine asks for every module of the
+    model at each ``extend()``, and the generator machinery cost more than the lookup.
+    """
+    own: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, p in module._parameters.items():
+        if p is not None and p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            own[name] = p
+    return own
 
 
 class LayerRule:

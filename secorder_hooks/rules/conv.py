@@ -203,15 +203,19 @@ def _shifted_applies(module: nn.modules.conv._ConvNd, x: Tensor, vectors: int) -
     return vectors == 1 and isinstance(module, nn.Conv2d) and tuple(module.stride) == (1, 1) and x.dim() == 4
 
 
+def _grouped_applies(module: nn.modules.conv._ConvNd, x: Tensor) -> bool:
+    """Whether :func:`grouped_weight_grads` pays: a batched input with many channels per group."""
+    return x.dim() == len(module.kernel_size) + 2 and x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS
+
+
 def _direct_applies(module: nn.modules.conv._ConvNd, x: Tensor, vectors: int) -> bool:
     """Whether per-example gradients are formed without patches (then materializing them is cheapest)."""
-    batched = x.dim() == len(module.kernel_size) + 2
-    return batched and (x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS or _shifted_applies(module, x, vectors))
+    return _grouped_applies(module, x) or _shifted_applies(module, x, vectors)
 
 
 def _weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output: Tensor) -> Tensor:
     """``[V, N, *weight.shape]`` by the fastest applicable method."""
-    if x.dim() == len(module.kernel_size) + 2 and x.shape[1] // module.groups >= GROUPED_MIN_CHANNELS:
+    if _grouped_applies(module, x):
         return grouped_weight_grads(module, x, grad_output)
     if _shifted_applies(module, x, grad_output.shape[0]):
         return shifted_weight_grads(module, x, grad_output)

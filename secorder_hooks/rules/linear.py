@@ -91,8 +91,9 @@ def outer_sum_squared_norms(g: Tensor, x: Tensor, strategy: NormStrategy = NormS
     v, n, groups, t, o = g.shape
     i = x.shape[-1]
     if t == 1 and strategy is NormStrategy.AUTO:
-        # ||g x^T||^2 = ||g||^2 ||x||^2 for each group
-        return (g[:, :, :, 0].square().sum(-1) * x[:, :, 0].square().sum(-1)).sum(-1)
+        # ||g x^T||^2 = ||g||^2 ||x||^2 for each group, by reductions that form no squared copy
+        g_norms = torch.linalg.vector_norm(g[:, :, :, 0], dim=-1).square_()  # [V, N, G]
+        return (g_norms * torch.linalg.vector_norm(x[:, :, 0], dim=-1).square_()).sum(-1)
     if strategy is NormStrategy.AUTO:
         gram_flops = n * groups * t * t * (i + v * o)
         materialize_flops = v * n * groups * t * o * i
@@ -163,15 +164,8 @@ class LinearRule(LayerRule):
 
     def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
         """``{name: [V, N, *p.shape]}``: per-example gradients of each vector (see the module docstring)."""
-        x = inputs[0].detach()
+        x, g = _grouped(inputs[0].detach(), grad_output)
         grads: ParamDict = {}
-        if x.dim() == 2:  # one broadcast product, no positions to sum
-            if module.weight.requires_grad:
-                grads["weight"] = grad_output.unsqueeze(-1) * x.unsqueeze(-2)
-            if module.bias is not None and module.bias.requires_grad:
-                grads["bias"] = grad_output.clone()
-            return grads
-        x, g = _grouped(x, grad_output)
         if module.weight.requires_grad:
             grads["weight"] = outer_sums(g, x).squeeze(2)
         if module.bias is not None and module.bias.requires_grad:
@@ -218,11 +212,13 @@ class LinearRule(LayerRule):
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
         r"""``{name: [V, N]}``: :math:`\|g^{(v)}_n\|^2` per parameter tensor.
 
-        For ``[N, in]`` inputs the weight's is :math:`\|g_{vn}\|^2 \|x_n\|^2`.
+        For ``[N, in]`` inputs the weight's is :math:`\|g_{vn}\|^2 \|x_n\|^2`, as in
+        :func:`outer_sum_squared_norms`, with :math:`\|g_{vn}\|^2` computed once for both
+        parameters (a few percent of ``T0`` on the benchmark MLPs).
         """
         x = inputs[0].detach()
         result: ParamDict = {}
-        if x.dim() == 2:  # norms by reductions that form no squared copy
+        if x.dim() == 2:
             g_norms = torch.linalg.vector_norm(grad_output, dim=-1).square_()  # [V, N]
             if module.weight.requires_grad:
                 result["weight"] = g_norms * torch.linalg.vector_norm(x, dim=-1).square_()
