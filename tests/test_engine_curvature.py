@@ -148,15 +148,18 @@ def test_chunked_columns_give_the_same_result():
         torch.testing.assert_close(p.diag_h_batch, full[k][1])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("single_column_bytes", [0, 2**62], ids=["looped", "vectorized"])
-def test_default_column_chunking_is_exact(monkeypatch: pytest.MonkeyPatch, single_column_bytes: int) -> None:
+def test_default_column_chunking_is_exact(
+    monkeypatch: pytest.MonkeyPatch, single_column_bytes: int, reduction: str
+) -> None:
     """Above SINGLE_COLUMN_BYTES of activations per column, columns go one at a time by default."""
     monkeypatch.setattr(curvature, "SINGLE_COLUMN_BYTES", single_column_bytes)
     sizes: list[int | None] = []
     split = curvature._split
     monkeypatch.setattr(curvature, "_split", lambda sqrt, size: sizes.append(size) or split(sqrt, size))
     case = zoo.make("resnet_block", torch.float64)
-    loss_fn = case.loss_fn("sum")
+    loss_fn = case.loss_fn(reduction)
     run(case.model, loss_fn, case.x, case.y, *GGN)
     assert sizes == [1 if single_column_bytes == 0 else None]
     assert_matches(

@@ -104,6 +104,18 @@ def test_cross_entropy_index_targets(shape, reduction, weighted, smoothing):
     check_exact(term, lambda f: F.cross_entropy(f, y, **opts), x)
 
 
+@pytest.mark.parametrize("shape", [(4, 1), (4, 2), (3, 2, 3), (5, 7)])
+@pytest.mark.parametrize("scale", [1.0, 30.0], ids=["moderate", "confident"])
+def test_softmax_square_root_has_c_minus_one_columns(shape, scale):
+    """The rank-deficient root: C - 1 columns per position (one for C = 1), exact even for near one-hot p."""
+    x = leaf(*shape, scale=scale)
+    y = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    _, term = term_of(F.cross_entropy, x, y)
+    positions = math.prod(shape[2:])
+    assert term.sqrt_hessian().columns.shape[0] == max(shape[1] - 1, 1) * positions
+    check_exact(term, lambda f: F.cross_entropy(f, y), x)
+
+
 @pytest.mark.parametrize("shape", CE_SHAPES[:2])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cross_entropy_probability_targets(shape, reduction):
