@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "THREADS",
+    "ALLOCATOR_WARMUP_BYTES",
     "Ratio",
     "setup_torch",
     "reset_parameters",
@@ -34,6 +35,20 @@ __all__ = [
 
 THREADS = 2
 """Torch intra-op threads for every benchmark (DESIGN.md sec. 4)."""
+
+ALLOCATOR_WARMUP_BYTES = 16 * 2**20
+"""Size of the buffer :func:`setup_torch` allocates and frees once before any timing.
+
+glibc's ``malloc`` serves a request above its *mmap threshold* with fresh pages and trims
+the heap whenever more than twice that threshold lies free at its top; both thresholds
+start small (128 KiB) and rise to the size of the largest block that was mmapped and
+freed (up to 32 MiB). A small benchmark process that never freed a large block therefore
+trims and re-faults its heap in every step: on this machine 900 to 1450 page faults per
+step for our quantities on problem A (+0.8 ms, ``T0`` 1.3 ms) against 22 for ``T0``, and
+results depended on what ran before. Freeing one 16 MiB block moves the thresholds to
+their steady state, as any training process that touches a larger tensor does; ``T0``
+is unchanged by it, and every method is timed in the same conditions.
+"""
 
 
 @dataclass(frozen=True)
@@ -64,9 +79,14 @@ def _fmt(value: float) -> str:
 
 
 def setup_torch(threads: int = THREADS, seed: int = 0) -> None:
-    """Fix the torch thread count and the global seed (float32 is the problems' default)."""
+    """Fix the torch thread count and the global seed, and bring ``malloc`` to its steady state.
+
+    See :data:`ALLOCATOR_WARMUP_BYTES` (float32 is the problems' default).
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    block = torch.empty(ALLOCATOR_WARMUP_BYTES, dtype=torch.uint8)
+    del block
 
 
 def reset_parameters(model: nn.Module, attributes: Iterable[str] = ()) -> None:

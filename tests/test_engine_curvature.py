@@ -181,6 +181,21 @@ def test_first_and_second_order_in_one_backward():
     assert loss.ndim == 0
 
 
+@pytest.mark.parametrize("per_example", [False, True], ids=["summed", "per_example"])
+def test_hessian_without_residual_terms_is_not_an_alias_of_the_ggn(per_example):
+    """On a ReLU network the Hessian diagonal equals the GGN's, yet each attribute owns its tensor."""
+    case = zoo.make("mlp_relu", torch.float64)
+    if per_example:
+        ggn, hessian = sh.BatchDiagGGNExact(), sh.BatchDiagHessian()
+    else:
+        ggn, hessian = sh.DiagGGNExact(), sh.DiagHessian()
+    run(case.model, case.loss_fn("sum"), case.x, case.y, ggn, hessian)
+    for p in case.model.parameters():
+        g, h = getattr(p, ggn.attribute), getattr(p, hessian.attribute)
+        torch.testing.assert_close(h, g)
+        assert h.untyped_storage().data_ptr() != g.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("name", ["mlp_tanh", "cnn"])
 def test_monte_carlo_fisher_is_unbiased(name):
     case = zoo.make(name, torch.float64)

@@ -274,7 +274,11 @@ class CurvaturePlan:
                 if BatchDiagGGNExact in quantities:
                     p.diag_ggn_exact_batch = g
                 if residual is not None:
-                    h = g + residual.get(key, p, n)
+                    # no residual term (no curved operation reaches p): the GGN's tensor, copied if also attached
+                    if key in residual.values:
+                        h = g + residual.values[key]
+                    else:
+                        h = g.clone() if (BatchDiagGGNExact if ggn.per_example else DiagGGNExact) in quantities else g
                     if DiagHessian in quantities:
                         p.diag_h = h.sum(0) if residual.per_example else h
                     if BatchDiagHessian in quantities:

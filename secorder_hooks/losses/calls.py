@@ -36,6 +36,11 @@ LOSS_FUNCTIONS: dict[Callable[..., Tensor], LossKind] = {
 }
 
 _SIGNATURES = {fn: inspect.signature(fn) for fn in LOSS_FUNCTIONS}
+_NAMES = {fn: tuple(sig.parameters) for fn, sig in _SIGNATURES.items()}
+_DEFAULTS = {
+    fn: {name: p.default for name, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+    for fn, sig in _SIGNATURES.items()
+}
 
 
 @dataclass(eq=False)
@@ -60,9 +65,7 @@ class LossCall:
 
 def make_loss_call(fn: Callable[..., Tensor], args: tuple, kwargs: dict, result: Tensor) -> LossCall:
     """Normalize the arguments of a call to one of :data:`LOSS_FUNCTIONS`."""
-    bound = _SIGNATURES[fn].bind(*args, **kwargs)
-    bound.apply_defaults()
-    options = dict(bound.arguments)
+    options = _bind(fn, args, kwargs)
     # Legacy arguments resolve to a reduction exactly as PyTorch does.
     size_average, reduce = options.pop("size_average", None), options.pop("reduce", None)
     if size_average is not None or reduce is not None:
@@ -76,3 +79,22 @@ def make_loss_call(fn: Callable[..., Tensor], args: tuple, kwargs: dict, result:
         options=options,
         result=result,
     )
+
+
+def _bind(fn: Callable[..., Tensor], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``inspect.Signature.bind`` with defaults applied, without its cost (a tenth of a millisecond per step).
+
+    The loss functions take positional-or-keyword parameters only; anything else goes to
+    ``inspect`` for its error message.
+    """
+    names, defaults = _NAMES[fn], _DEFAULTS[fn]
+    rest = names[len(args) :]
+    complete = all(name in defaults or name in kwargs for name in rest)
+    if len(args) <= len(names) and complete and all(key in rest for key in kwargs):
+        options = dict(defaults)
+        options.update(zip(names, args))
+        options.update(kwargs)
+        return options
+    bound = _SIGNATURES[fn].bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
@@ -92,9 +91,10 @@ class SoftmaxLossTerm(LossTerm):
         n_classes = self.shape[1]
         flat = self.probs.movedim(1, -1).reshape(-1, n_classes)  # [N*D, C]
         draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)  # [N*D, M]
-        one_hot = F.one_hot(draws.T, n_classes).to(flat.dtype)  # [M, N*D, C]
-        scale = (self.factors.reshape(-1, 1) / mc_samples).sqrt()
-        cols = (flat[None] - one_hot) * scale
+        one_hot = torch.zeros(mc_samples, *flat.shape, dtype=flat.dtype, device=flat.device)
+        one_hot.scatter_(2, draws.T.unsqueeze(-1), 1.0)  # [M, N*D, C]
+        scale = (self.factors.reshape(-1, 1) / mc_samples).sqrt_()
+        cols = (flat - one_hot).mul_(scale)
         return cols.reshape(mc_samples, self.shape[0], *self.shape[2:], n_classes).movedim(-1, 2)
 
 
@@ -104,27 +104,32 @@ def _rank_deficient_sqrt(p: Tensor) -> Tensor:
     :math:`B = \operatorname{diag}(q) - p q^\top` with :math:`q = \sqrt{p}` is a square root
     with :math:`B q = 0`. The Householder reflection :math:`P` that maps :math:`q` to the unit
     vector :math:`e_m` of the least likely class keeps :math:`(BP)(BP)^\top = B B^\top` and
-    zeroes column ``m`` of :math:`BP = B + 2 b_m u^\top / u^\top u` (:math:`u = q - e_m`,
-    :math:`u^\top u = 2 - 2 q_m \ge 2 - 2/\sqrt{C}`): dropping it leaves ``C - 1`` columns, so the
-    column backward does ``1/C`` less work. ``C = 1`` keeps its one (zero) column.
+    zeroes column ``m`` of :math:`BP`. With :math:`u = q - e_m`, :math:`u^\top u = 2 - 2 q_m`
+    (at least :math:`2 - 2/\sqrt{C}`) and :math:`B u = q_m (p - e_m)`, the other columns are
+
+    .. math::
+        (BP)_k = q_k \Big(e_k + \frac{q_m}{1 - q_m} e_m - \frac{p}{1 - q_m}\Big), \qquad k \ne m,
+
+    so dropping column ``m`` leaves ``C - 1`` columns and the column backward does ``1/C``
+    less work. Column ``j`` is class ``j``, except that class ``C - 1`` takes the place of
+    ``m``. ``C = 1`` keeps its one (zero) column.
 
     Args:
         p: ``[N, C, D]`` probabilities over axis 1.
     """
     n_classes = p.shape[1]
-    q = p.sqrt()
-    eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
-    b = (eye[:, None, :, None] - p[None]) * q.transpose(0, 1)[:, :, None, :]  # b[k, n, c, d] = q_k (delta_kc - p_c)
     if n_classes == 1:
-        return b
+        return torch.zeros_like(p).unsqueeze(0)
+    q = p.sqrt()
     m = p.argmin(1, keepdim=True)  # [N, 1, D]
-    u = q - F.one_hot(m[:, 0], n_classes).movedim(-1, 1).to(p.dtype)  # [N, C, D]
-    b_m = b.gather(0, m[None].expand(1, -1, n_classes, -1))[0]  # [N, C, D]
-    coeff = 2 * u / u.square().sum(1, keepdim=True)  # [N, C, D]
-    reflected = b + b_m[None] * coeff.transpose(0, 1)[:, :, None, :]
-    # column m is zero: overwrite it with the last column and drop the last
-    last = reflected[-1:].expand(1, -1, -1, -1)
-    return reflected.scatter(0, m[None].expand(1, -1, n_classes, -1), last)[:-1]
+    q_m = q.gather(1, m)
+    inv = (1 - q_m).reciprocal_()
+    shared = (p * inv).neg_().scatter_add_(1, m, q_m * inv)  # e_m q_m / (1 - q_m) - p / (1 - q_m)
+    classes = torch.arange(n_classes, device=p.device)
+    k = classes[:-1].view(-1, 1, 1, 1)
+    k = torch.where(k == m, n_classes - 1, k)  # [C - 1, N, 1, D]: the class of each column
+    q_k = q.unsqueeze(0).expand(n_classes - 1, -1, -1, -1).gather(2, k)
+    return (shared + (k == classes.view(-1, 1)).to(p.dtype)).mul_(q_k)
 
 
 def _check_logits(x: Tensor, name: str) -> None:
@@ -146,16 +151,17 @@ def _index_target_factors(
 ) -> Tensor:
     """``[N, *d]`` factors :math:`a_i` for class-index targets (see module docstring)."""
     mask = target != ignore_index
-    safe = target.masked_fill(~mask, 0)
     counted = mask.to(dtype)
     if weight is None:
         w_target = counted
         w_total = float(n_classes)
     else:
         weight = weight.detach().to(dtype)
-        w_target = weight[safe] * counted
+        w_target = weight[target.masked_fill(~mask, 0)] * counted
         w_total = weight.sum()
-    factors = (1.0 - label_smoothing) * w_target + (label_smoothing / n_classes) * w_total * counted
+    factors = w_target
+    if label_smoothing:
+        factors = (1.0 - label_smoothing) * w_target + (label_smoothing / n_classes) * w_total * counted
     if reduction is Reduction.MEAN:
         factors = factors / w_target.sum()
     return factors
