@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import secorder_hooks
 from secorder_hooks import BatchGrad, BatchL2Grad, SumGradSquared, UnsupportedModuleError, Variance
 from secorder_hooks.rules import linear as linear_rules
-from secorder_hooks.rules.base import rule_for, trainable_parameters
+from secorder_hooks.rules.base import ACCUMULATE_VECTORS, rule_for, square_sum, trainable_parameters
 from secorder_hooks.rules.conv import ConvRule
 from secorder_hooks.rules.embedding import EmbeddingRule
 from secorder_hooks.rules.linear import LinearRule, NormStrategy, outer_sum_squared_norms, outer_sums
@@ -402,3 +402,13 @@ def test_outer_sum_squared_norm_strategies(strategy: NormStrategy, t: int, o: in
     x = torch.randn(N, 2, t, i, dtype=DT)
     expected = outer_sums(g, x).square().sum((2, 3, 4))
     torch.testing.assert_close(outer_sum_squared_norms(g, x, strategy), expected)
+
+
+@pytest.mark.parametrize("v", [0, 1, 3, ACCUMULATE_VECTORS, ACCUMULATE_VECTORS + 1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_square_sum_accumulated_and_vectorized(v, weighted):
+    """Both paths of square_sum (one vector at a time, or all squared at once) give sum_v w_vn g_vn^2."""
+    g = torch.randn(v, N, 3, 2, dtype=DT)
+    weights = torch.randn(v, N, dtype=DT) if weighted else None
+    expected = (g.square() * (1 if weights is None else weights[:, :, None, None])).sum(0)
+    torch.testing.assert_close(square_sum(g, weights), expected)

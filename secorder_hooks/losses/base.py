@@ -71,9 +71,14 @@ def edge_of(tensor: Tensor) -> GradientEdge | None:
     return get_gradient_edge(tensor) if tensor.requires_grad else None
 
 
-def signed_sqrt(factors: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(sqrt(|a|), sign(a))`` of Hessian factors ``a``; the sign is ``None`` where all ``a >= 0``."""
-    if bool((factors < 0).any()):
+def signed_sqrt(factors: Tensor, nonnegative: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(sqrt(|a|), sign(a))`` of Hessian factors ``a``; the sign is ``None`` where all ``a >= 0``.
+
+    Args:
+        factors: The factors ``a``.
+        nonnegative: The caller knows that ``a >= 0`` (skips the check).
+    """
+    if not nonnegative and bool((factors < 0).any()):
         return factors.abs().sqrt(), factors.sign()
     return factors.sqrt(), None
 
@@ -141,17 +146,18 @@ def one_hot_columns(shape: torch.Size, scale: Tensor, dtype: torch.dtype, device
     return cols.reshape(k, *shape)
 
 
-def diagonal_sqrt_columns(hessian_diagonal: Tensor) -> SqrtColumns:
+def diagonal_sqrt_columns(hessian_diagonal: Tensor, nonnegative: bool = False) -> SqrtColumns:
     r"""Exact columns of an elementwise (diagonal) loss Hessian.
 
     Args:
         hessian_diagonal: ``[N, *f]``, :math:`h` with :math:`\partial^2 L / \partial f^2 = \operatorname{diag}(h)`.
+        nonnegative: The caller knows that :math:`h \ge 0` (skips the check).
 
     Returns:
         ``K = prod(f)`` columns ``sqrt(|h_k|) e_k`` (``[K, N, *f]``) with weights ``sign(h_k)``
         (``[K, N]``, ``None`` where ``h >= 0``).
     """
-    scale, sign = signed_sqrt(hessian_diagonal)
+    scale, sign = signed_sqrt(hessian_diagonal, nonnegative)
     columns = one_hot_columns(hessian_diagonal.shape, scale, hessian_diagonal.dtype, hessian_diagonal.device)
     weights = None if sign is None else sign.reshape(hessian_diagonal.shape[0], -1).T
     return SqrtColumns(columns, weights)

@@ -47,10 +47,15 @@ class SoftmaxLossTerm(LossTerm):
         factors: ``[N, *d]`` factors :math:`a_i`, reduction factor included.
         edge: Gradient edge of the logits.
         name: Name used in messages.
+        nonnegative: The factors are known to be ``>= 0`` (no class weights): their signs
+            need no check.
     """
 
-    def __init__(self, probs: Tensor, factors: Tensor, edge: GradientEdge | None, name: str) -> None:
+    def __init__(
+        self, probs: Tensor, factors: Tensor, edge: GradientEdge | None, name: str, nonnegative: bool = False
+    ) -> None:
         self.probs, self.factors, self.edge, self.name = probs, factors, edge, name
+        self.nonnegative = nonnegative
         self.shape = probs.shape
 
     def sqrt_hessian(self) -> SqrtColumns:
@@ -65,7 +70,7 @@ class SoftmaxLossTerm(LossTerm):
         n, n_classes, positions = self.shape[0], self.shape[1], self.shape[2:]
         n_pos = math.prod(positions)
         p = self.probs.reshape(n, n_classes, n_pos)
-        scale, sign = signed_sqrt(self.factors.reshape(n, n_pos))  # [N, D]
+        scale, sign = signed_sqrt(self.factors.reshape(n, n_pos), self.nonnegative)  # [N, D]
         cols = _rank_deficient_sqrt(p) * scale[None, :, None, :]  # [C - 1, N, C, D]
         n_classes = cols.shape[0]
         if n_pos == 1:
@@ -83,7 +88,7 @@ class SoftmaxLossTerm(LossTerm):
         Targets are drawn independently per sample and position, so cross-position terms vanish
         in expectation and one column per sample suffices.
         """
-        if bool((self.factors < 0).any()):
+        if not self.nonnegative and bool((self.factors < 0).any()):
             raise UnsupportedLossError(
                 f"{self.name}: Monte-Carlo sampling needs non-negative per-position weights; this loss has "
                 f"negative ones (negative class weights or targets). Use an exact quantity instead."
@@ -214,7 +219,8 @@ class CrossEntropyLossTerm(SoftmaxLossTerm):
         else:
             _check_index_target(x, target, name)
             factors = _index_target_factors(target, n_classes, weight, ignore_index, red, label_smoothing, x.dtype)
-        super().__init__(torch.softmax(x, dim=1), factors, edge_of(logits), name)
+        nonnegative = weight is None and not target.is_floating_point()
+        super().__init__(torch.softmax(x, dim=1), factors, edge_of(logits), name, nonnegative)
 
 
 def _log_softmax_edge(log_probs: Tensor, name: str) -> GradientEdge | None:
@@ -267,4 +273,4 @@ class NLLLossTerm(SoftmaxLossTerm):
             raise LossInputError(f"{name}: target must hold integer class indices, got {target.dtype}.")
         _check_index_target(x, target, name)
         factors = _index_target_factors(target, x.shape[1], weight, ignore_index, red, 0.0, x.dtype)
-        super().__init__(x.exp(), factors, edge, name)
+        super().__init__(x.exp(), factors, edge, name, nonnegative=weight is None)

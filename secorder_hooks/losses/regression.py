@@ -9,6 +9,8 @@ as written (no factor 1/2).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -44,24 +46,25 @@ class MSELossTerm(LossTerm):
                 f"broadcasting makes the loss couple elements. Reshape the target to the input's shape."
             )
         x = input.detach()
+        #: :math:`2 c` when there is no ``weight`` (the Hessian is a multiple of the identity), else ``None``.
+        self.uniform_factor: float | None = None
         if weight is None:
-            w = torch.ones_like(x)
-            total = float(x.numel())
+            self.uniform_factor = 2.0 / x.numel() if red is Reduction.MEAN else 2.0
+            #: ``[N, *f]`` diagonal of the loss Hessian, :math:`2 c w`.
+            self.hessian_diagonal = torch.full_like(x, self.uniform_factor)
         else:
             if weight.shape != input.shape:
                 raise LossInputError(
                     f"{self.name}: weight shape {tuple(weight.shape)} must equal input shape {tuple(input.shape)}."
                 )
             w = weight.detach().to(x.dtype)
-            total = w.sum()
-        c = 1.0 / total if red is Reduction.MEAN else 1.0
-        #: ``[N, *f]`` diagonal of the loss Hessian, :math:`2 c w`.
-        self.hessian_diagonal = 2.0 * c * w
+            c = 1.0 / w.sum() if red is Reduction.MEAN else 1.0
+            self.hessian_diagonal = 2.0 * c * w
         self.edge, self.shape = edge_of(input), input.shape
 
     def sqrt_hessian(self) -> SqrtColumns:
         """``K = prod(f)`` one-hot columns ``sqrt(2 c w_k) e_k`` (``[K, N, *f]``)."""
-        return diagonal_sqrt_columns(self.hessian_diagonal)
+        return diagonal_sqrt_columns(self.hessian_diagonal, nonnegative=self.uniform_factor is not None)
 
     def sample_sqrt_hessian(self, mc_samples: int, generator: torch.Generator | None = None) -> Tensor:
         r"""``[M, N, *f]`` columns :math:`\sqrt{2 c w / M}\, z`, :math:`z \sim \mathcal N(0, I)`.
@@ -69,8 +72,10 @@ class MSELossTerm(LossTerm):
         This is :math:`\sqrt{c\,w} \cdot 2 (f - \tilde y) / \sqrt M` for :math:`\tilde y \sim \mathcal N(f, I/2)`:
         the per-element loss gradient at a sampled target.
         """
-        if bool((self.hessian_diagonal < 0).any()):
-            raise UnsupportedLossError(f"{self.name}: Monte-Carlo sampling needs non-negative weights.")
         h = self.hessian_diagonal
         z = torch.randn((mc_samples, *h.shape), dtype=h.dtype, device=h.device, generator=generator)
+        if self.uniform_factor is not None:
+            return z.mul_(math.sqrt(self.uniform_factor / mc_samples))
+        if bool((h < 0).any()):
+            raise UnsupportedLossError(f"{self.name}: Monte-Carlo sampling needs non-negative weights.")
         return z * (h / mc_samples).sqrt()

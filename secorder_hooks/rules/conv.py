@@ -24,7 +24,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from secorder_hooks.errors import UnsupportedModuleError
-from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule
+from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, square_sum
 from secorder_hooks.rules.linear import _chunks, outer_sum_squared_norms, outer_sum_weighted_squares, outer_sums
 
 __all__ = ["ConvRule", "conv_padding", "grouped_weight_grads", "shifted_weight_grads", "unfold_patches"]
@@ -273,10 +273,8 @@ class ConvRule(LayerRule):
                 sq = outer_sum_weighted_squares(g, unfold_patches(module, x), weights, per_example)
                 result["weight"] = sq.reshape(*sq.shape[: 1 if per_example else 0], *module.weight.shape)
         if module.bias is not None and module.bias.requires_grad:
-            b_sq = grad_output.flatten(3).sum(-1).square()
-            if weights is not None:
-                b_sq = b_sq * weights.unsqueeze(-1)
-            result["bias"] = b_sq.sum(0) if per_example else b_sq.sum((0, 1))
+            b_sq = square_sum(grad_output.flatten(3).sum(-1), weights)
+            result["bias"] = b_sq if per_example else b_sq.sum(0)
         return result
 
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:

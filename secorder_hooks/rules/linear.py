@@ -22,7 +22,7 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule
+from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, square_sum
 
 __all__ = [
     "LinearRule",
@@ -126,10 +126,7 @@ def outer_sum_weighted_squares(g: Tensor, x: Tensor, weights: Tensor | None, per
     """
     v, n, groups, t, o = g.shape
     if t == 1:
-        g_sq = g[:, :, :, 0].square()  # [V, N, G, O]
-        if weights is not None:
-            g_sq = g_sq * weights[:, :, None, None]
-        g_sq = g_sq[0] if v == 1 else g_sq.sum(0)
+        g_sq = square_sum(g[:, :, :, 0], weights)  # [N, G, O]
         x_sq = x[:, :, 0].square()  # [N, G, I]
         if per_example:
             return g_sq[..., None] * x_sq[:, :, None, :]
@@ -189,10 +186,7 @@ class LinearRule(LayerRule):
         x = inputs[0].detach()
         result: ParamDict = {}
         if x.dim() == 2:
-            g_sq = grad_output.square()  # [V, N, O]
-            if weights is not None:
-                g_sq = g_sq * weights.unsqueeze(-1)
-            g_sq = g_sq.squeeze(0) if g_sq.shape[0] == 1 else g_sq.sum(0)
+            g_sq = square_sum(grad_output, weights)  # [N, O]
             if module.weight.requires_grad:
                 x_sq = x.square()
                 result["weight"] = g_sq.unsqueeze(2) * x_sq.unsqueeze(1) if per_example else torch.mm(g_sq.t(), x_sq)
@@ -203,10 +197,8 @@ class LinearRule(LayerRule):
         if module.weight.requires_grad:
             result["weight"] = outer_sum_weighted_squares(g, x, weights, per_example).squeeze(-3)
         if module.bias is not None and module.bias.requires_grad:
-            b_sq = g.sum((2, 3)).square()
-            if weights is not None:
-                b_sq = b_sq * weights.unsqueeze(-1)
-            result["bias"] = b_sq.sum(0) if per_example else b_sq.sum((0, 1))
+            b_sq = square_sum(g.sum((2, 3)), weights)
+            result["bias"] = b_sq if per_example else b_sq.sum(0)
         return result
 
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
