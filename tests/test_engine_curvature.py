@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import secorder_hooks as sh
-from secorder_hooks.engine import curvature
+from secorder_hooks.engine import columns, curvature
 from tests import reference, zoo
 
 GGN = (sh.DiagGGNExact(), sh.BatchDiagGGNExact())
@@ -135,6 +135,50 @@ def test_sequence_outputs(layout, reduction):
     run(model, loss_fn, tokens, y, *GGN, *HESSIAN)
     assert_matches(model, "diag_ggn_exact_batch", reference.ggn_diagonal(model, loss_fn, tokens, y, per_example=True))
     assert_matches(model, "diag_h_batch", reference.per_example_hessian_diagonal(model, loss_fn, tokens, y))
+
+
+class ModifiedAfterUse(nn.Module):
+    """The input of a Linear with a frozen weight is modified in place after the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.second.weight.requires_grad_(False)
+
+    def forward(self, x):
+        a = -self.first(x)  # saves nothing, so a may be modified once the second layer has used it
+        out = self.second(a)
+        a.exp_()  # a's node is now this exp (unary, in the chain's set), which the second layer did not consume
+        return out
+
+
+@pytest.mark.parametrize(
+    ("name", "chained"),
+    [("mlp_relu", True), ("mlp_sigmoid", True), ("deep_mlp", True), ("frozen", False), ("resnet_block", False)],
+)
+def test_columns_through_chains_without_autograd(monkeypatch: pytest.MonkeyPatch, name: str, chained: bool) -> None:
+    """Chains of Linear layers and unary ops take the fast path; its columns equal autograd's."""
+    outcomes: list[bool] = []
+    chain = columns._chain
+    monkeypatch.setattr(columns, "_chain", lambda *args: outcomes.append(chain(*args) is not None) or chain(*args))
+    case = zoo.make(name, torch.float64)
+    loss_fn = case.loss_fn("sum")
+    run(case.model, loss_fn, case.x, case.y, *GGN, *HESSIAN)
+    assert outcomes and all(outcome == chained for outcome in outcomes)
+    fast = {k: (p.diag_ggn_exact_batch, p.diag_h_batch) for k, p in case.model.named_parameters() if p.requires_grad}
+    monkeypatch.setattr(columns, "_chain", lambda *args: None)
+    run(case.model, loss_fn, case.x, case.y, *GGN, *HESSIAN)
+    for k, p in case.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.diag_ggn_exact_batch, fast[k][0], atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(p.diag_h_batch, fast[k][1], atol=1e-12, rtol=1e-10)
+
+
+def test_chain_stops_at_an_input_modified_after_the_call():
+    torch.manual_seed(0)
+    model, x, y = ModifiedAfterUse().double(), torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2).double()
+    run(model, F.mse_loss, x, y, *GGN)
+    assert_matches(model, "diag_ggn_exact", reference.ggn_diagonal(model, F.mse_loss, x, y))
 
 
 def test_chunked_columns_give_the_same_result():

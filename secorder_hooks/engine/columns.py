@@ -1,29 +1,48 @@
-r"""Vectorized backpropagation of column blocks to the recorded module outputs.
+r"""Backpropagation of column blocks to the recorded module outputs.
 
 Curvature quantities push ``V`` vectors ("columns") from one place of the graph, the
 model output or the input of a curved operation, back to the outputs of the recorded
-module calls below it. One vectorized backward
+module calls below it. In general one vectorized backward through autograd
 (:func:`~secorder_hooks.engine.vjp.batched_grad`) does this for all ``V`` columns at once.
+
+When the graph below the source is a *chain*, layer, unary elementwise operations,
+layer, ..., whose layers' rules know their input Jacobian
+(:meth:`~secorder_hooks.rules.base.LayerRule.input_vjp`), the columns are propagated
+without autograd: the rule's product for each layer, times the derivative of each
+elementwise operation (its autograd node applied to ones). This is exact because the
+walk checks that nothing else reaches the recorded outputs from the source: every other
+input of a node on the chain is a parameter. It saves the vectorization and engine
+overhead, a quarter of the column pass on a small MLP (problem A of the benchmarks: 1.26
+against 0.93 ms for 9 columns).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from torch import Tensor
-from torch.autograd.graph import GradientEdge
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node
 
+from secorder_hooks.engine.curved_ops import DIAGONAL, node_name
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
+from secorder_hooks.rules.base import LayerRule
 
 __all__ = ["ColumnBlock", "backprop_columns"]
 
 ColumnBlock = dict[int, tuple[Tensor, ...]]
 """Record id -> the ``[V, N, *out_i]`` vectors at each differentiable output of the call."""
 
+_CHAIN_ELEMENTWISE = DIAGONAL - {"ToCopyBackward0"}
+"""Unary elementwise nodes a chain may pass (not dtype conversions: the columns keep their dtype)."""
+
 
 def backprop_columns(
-    sources: Sequence[GradientEdge], columns: Sequence[Tensor], records: Sequence[CallRecord]
+    sources: Sequence[GradientEdge],
+    columns: Sequence[Tensor],
+    records: Sequence[CallRecord],
+    rules: Mapping[nn.Module, LayerRule] | None = None,
 ) -> ColumnBlock:
     r"""Backpropagate columns from ``sources`` to the outputs of ``records``.
 
@@ -34,6 +53,7 @@ def backprop_columns(
         sources: Gradient edges of the tensors the columns live at.
         columns: One ``[V, *source.shape]`` block per source (the same ``V`` for all).
         records: The calls whose outputs receive the columns.
+        rules: The rule of each recorded module, for the chain fast path (none without).
 
     Returns:
         For each record, the ``[V, *out_i]`` vectors at every output (zeros where the
@@ -42,6 +62,10 @@ def backprop_columns(
     edges = [edge for rec in records for edge in rec.output_edges]
     if not edges:
         return {}
+    if rules is not None:
+        chained = _chain(sources, columns, records, rules)
+        if chained is not None:
+            return chained
     v = columns[0].shape[0]
     grads = batched_grad(sources, edges, columns)
     result: ColumnBlock = {}
@@ -54,3 +78,66 @@ def backprop_columns(
             position += 1
         result[id(rec)] = tuple(outputs)
     return result
+
+
+def _chain(
+    sources: Sequence[GradientEdge],
+    columns: Sequence[Tensor],
+    records: Sequence[CallRecord],
+    rules: Mapping[nn.Module, LayerRule],
+) -> ColumnBlock | None:
+    """The columns at every record if the records form a chain below the only source, else ``None``.
+
+    Going down from the source, each step is a record whose output is the current edge
+    (one output), whose autograd node takes the record's first input directly and
+    otherwise only parameters, and whose rule has an ``input_vjp``; then unary
+    elementwise nodes, each with one input, down to the output of the next record.
+    Every record must be visited.
+    """
+    by_edge = {rec.output_edges[0]: rec for rec in records if len(rec.output_edges) == 1}
+    if len(sources) != 1 or len(by_edge) != len(records):
+        return None
+    edge, g = sources[0], columns[0]
+    result: ColumnBlock = {}
+    while True:
+        rec = by_edge.get(edge)
+        if rec is None:
+            return None
+        result[id(rec)] = (g,)
+        if len(result) == len(records):
+            return result
+        below = _layer_input_edge(rec)
+        if below is None:
+            return None
+        g = rules[rec.module].input_vjp(rec.module, rec.inputs, g)
+        if g is None:
+            return None
+        edge = below
+        with torch.no_grad():
+            while edge not in by_edge:
+                node = edge.node
+                following = [GradientEdge(n, i) for n, i in node.next_functions if n is not None]
+                if node_name(node) not in _CHAIN_ELEMENTWISE or len(following) != 1:
+                    return None
+                g = g * node(torch.ones_like(g[0]))  # the derivative of a unary elementwise op
+                edge = following[0]
+
+
+def _layer_input_edge(rec: CallRecord) -> GradientEdge | None:
+    """The edge of the record's first input, if the output's node consumes it and otherwise only parameters."""
+    x = rec.inputs[0] if rec.inputs else None
+    if not isinstance(x, Tensor) or x.grad_fn is None:
+        return None
+    edge = GradientEdge(x.grad_fn, x.output_nr)  # the input as it is now: not if modified in place since
+    consumed = [GradientEdge(n, i) for n, i in rec.output_edges[0].node.next_functions if n is not None]
+    if edge not in consumed or not all(e == edge or _is_parameter(e.node) for e in consumed):
+        return None
+    return edge
+
+
+def _is_parameter(node: Node) -> bool:
+    """A leaf's ``AccumulateGrad``, or a transpose of one (how ``F.linear`` takes its weight)."""
+    name = node_name(node)
+    if name == "AccumulateGrad":
+        return True
+    return name == "TBackward0" and all(n is None or node_name(n) == "AccumulateGrad" for n, _ in node.next_functions)

@@ -306,7 +306,7 @@ def column_pass(
     reached = {id(rec) for rec in targets}
     params = [(key, parts) for key, parts in contributions.by_param.items() if any(id(r) in reached for r, _ in parts)]
     for columns, weights in blocks:
-        block = backprop_columns(sources, columns, targets)
+        block = backprop_columns(sources, columns, targets, contributions.rules)
         v = columns[0].shape[0]
 
         def grad_outputs(rec: CallRecord, block=block, v=v) -> Tensor | tuple[Tensor, ...]:

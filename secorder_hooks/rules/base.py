@@ -146,6 +146,23 @@ class LayerRule:
         """
         return None
 
+    def input_vjp(self, module: nn.Module, inputs: Sequence[Tensor], vectors: Tensor) -> Tensor | None:
+        r""":math:`J_x^\top v` for ``V`` vectors at the output, ``x`` the first input.
+
+        Lets the engine backpropagate curvature columns through a chain of layers without
+        autograd (:func:`~secorder_hooks.engine.columns.backprop_columns`); the result is
+        not differentiable.
+
+        Args:
+            module: The module that was called.
+            inputs: Positional tensor inputs of the call.
+            vectors: ``[V, N, *out]``.
+
+        Returns:
+            ``[V, N, *in]``, or ``None`` when the rule has no closed form (the default).
+        """
+        return None
+
     def touches_one_output(self, module: nn.Module, inputs: Sequence[Tensor]) -> bool:
         """Whether each parameter entry affects at most one output element per example.
 

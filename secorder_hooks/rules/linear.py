@@ -245,6 +245,10 @@ class LinearRule(LayerRule):
         """
         return output_weights @ module.weight.detach().square()
 
+    def input_vjp(self, module: nn.Module, inputs: Sequence[Tensor], vectors: Tensor) -> Tensor:
+        """``[V, N, *, in]``: :math:`v W` at every position."""
+        return vectors @ module.weight.detach()
+
     def touches_one_output(self, module: nn.Module, inputs: Sequence[Tensor]) -> bool:
         """True for ``[N, in]`` inputs: ``W[o, i]`` and ``b[o]`` only reach ``out[n, o]``."""
         return inputs[0].dim() == 2
