@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
-from secorder_hooks.engine.curved_ops import DIAGONAL, node_name
+from secorder_hooks.engine.curved_ops import DIAGONAL
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.rules.base import LayerRule
@@ -92,12 +92,12 @@ def _chain(
     (one output), whose autograd node takes the record's first input directly and
     otherwise only parameters, and whose rule has an ``input_vjp``; then unary
     elementwise nodes, each with one input, down to the output of the next record.
-    Every record must be visited.
+    Every record must be visited. Edges are compared as ``(node, output_nr)`` tuples.
     """
-    by_edge = {rec.output_edges[0]: rec for rec in records if len(rec.output_edges) == 1}
+    by_edge = {_pair(rec.output_edges[0]): rec for rec in records if len(rec.output_edges) == 1}
     if len(sources) != 1 or len(by_edge) != len(records):
         return None
-    edge, g = sources[0], columns[0]
+    edge, g = _pair(sources[0]), columns[0]
     result: ColumnBlock = {}
     while True:
         rec = by_edge.get(edge)
@@ -115,29 +115,36 @@ def _chain(
         edge = below
         with torch.no_grad():
             while edge not in by_edge:
-                node = edge.node
-                following = [GradientEdge(n, i) for n, i in node.next_functions if n is not None]
-                if node_name(node) not in _CHAIN_ELEMENTWISE or len(following) != 1:
+                node = edge[0]
+                following = [e for e in node.next_functions if e[0] is not None]
+                if type(node).__name__ not in _CHAIN_ELEMENTWISE or len(following) != 1:
                     return None
                 g = g * node(torch.ones_like(g[0]))  # the derivative of a unary elementwise op
                 edge = following[0]
 
 
-def _layer_input_edge(rec: CallRecord) -> GradientEdge | None:
+def _pair(edge: GradientEdge) -> tuple[Node, int]:
+    """``(node, output_nr)``, comparable with the entries of ``next_functions``."""
+    return edge.node, edge.output_nr
+
+
+def _layer_input_edge(rec: CallRecord) -> tuple[Node, int] | None:
     """The edge of the record's first input, if the output's node consumes it and otherwise only parameters."""
     x = rec.inputs[0] if rec.inputs else None
     if not isinstance(x, Tensor) or x.grad_fn is None:
         return None
-    edge = GradientEdge(x.grad_fn, x.output_nr)  # the input as it is now: not if modified in place since
-    consumed = [GradientEdge(n, i) for n, i in rec.output_edges[0].node.next_functions if n is not None]
-    if edge not in consumed or not all(e == edge or _is_parameter(e.node) for e in consumed):
+    edge = (x.grad_fn, x.output_nr)  # the input as it is now: not if modified in place since
+    consumed = [e for e in rec.output_edges[0].node.next_functions if e[0] is not None]
+    if edge not in consumed or not all(e == edge or _is_parameter(e[0]) for e in consumed):
         return None
     return edge
 
 
 def _is_parameter(node: Node) -> bool:
     """A leaf's ``AccumulateGrad``, or a transpose of one (how ``F.linear`` takes its weight)."""
-    name = node_name(node)
+    name = type(node).__name__
     if name == "AccumulateGrad":
         return True
-    return name == "TBackward0" and all(n is None or node_name(n) == "AccumulateGrad" for n, _ in node.next_functions)
+    return name == "TBackward0" and all(
+        n is None or type(n).__name__ == "AccumulateGrad" for n, _ in node.next_functions
+    )
