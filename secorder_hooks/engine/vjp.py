@@ -11,12 +11,13 @@ instead, whose batching rules cover these kernels (25x faster there), and falls 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
+
+from secorder_hooks._warnings import vmap_fallbacks_allowed
 
 __all__ = ["batched_grad"]
 
@@ -51,8 +52,7 @@ def batched_grad(
         grads = torch.autograd.grad(outputs, inputs, [v[0] for v in vectors], True, create_graph, allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
-        with warnings.catch_warnings():  # kernels without a batching rule run per vector, still exact
-            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+        with vmap_fallbacks_allowed():
             result = torch.func.vmap(one)(*vectors)
     except RuntimeError:  # torch.func refuses the graph: the legacy vmap, else one vector at a time
         try:

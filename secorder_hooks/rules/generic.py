@@ -17,7 +17,6 @@ modules, whose example axis is 1 unless ``batch_first``, have layouts registered
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
+from secorder_hooks._warnings import vmap_fallbacks_allowed
 from secorder_hooks.errors import UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, trainable_parameters
 
@@ -287,8 +287,7 @@ def _over_examples(
     key = (type(module), one_by_one.__qualname__)
     if layout.vectorize and key not in _UNBATCHABLE:
         try:
-            with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
-                warnings.filterwarnings("ignore", message="There is a performance drop")
+            with vmap_fallbacks_allowed(), sdpa_kernel(SDPBackend.MATH):
                 return vectorized()
         except RuntimeError:
             _UNBATCHABLE.add(key)
