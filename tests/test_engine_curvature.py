@@ -148,16 +148,24 @@ class ModifiedAfterUse(nn.Module):
     def forward(self, x):
         a = -self.first(x)  # saves nothing, so a may be modified once the second layer has used it
         out = self.second(a)
-        a.exp_()  # a's node is now this exp (unary, in the chain's set), which the second layer did not consume
+        a.exp_()  # a's node is now this exp, which the second layer did not consume
         return out
 
 
 @pytest.mark.parametrize(
     ("name", "chained"),
-    [("mlp_relu", True), ("mlp_sigmoid", True), ("deep_mlp", True), ("frozen", False), ("resnet_block", False)],
+    [
+        ("mlp_relu", True),
+        ("mlp_sigmoid", True),
+        ("deep_mlp", True),
+        ("frozen", True),
+        ("cnn", True),
+        ("resnet_block", False),
+        ("functional", False),
+    ],
 )
 def test_columns_through_chains_without_autograd(monkeypatch: pytest.MonkeyPatch, name: str, chained: bool) -> None:
-    """Chains of Linear layers and unary ops take the fast path; its columns equal autograd's."""
+    """Chains of Linear/conv layers and one-input nodes take the fast path; its columns equal autograd's."""
     outcomes: list[bool] = []
     chain = columns._chain
     monkeypatch.setattr(columns, "_chain", lambda *args: outcomes.append(chain(*args) is not None) or chain(*args))
@@ -172,6 +180,43 @@ def test_columns_through_chains_without_autograd(monkeypatch: pytest.MonkeyPatch
         if p.requires_grad:
             torch.testing.assert_close(p.diag_ggn_exact_batch, fast[k][0], atol=1e-12, rtol=1e-10)
             torch.testing.assert_close(p.diag_h_batch, fast[k][1], atol=1e-12, rtol=1e-10)
+
+
+class Cube(torch.autograd.Function):
+    """A user's autograd.Function between two layers."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CubeModule(nn.Module):
+    def forward(self, x):
+        return Cube.apply(x)
+
+
+def test_chain_leaves_a_users_autograd_function_to_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    model = nn.Sequential(first, CubeModule(), second)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    outcomes: list[bool] = []
+    chain = columns._chain
+    monkeypatch.setattr(columns, "_chain", lambda *args: outcomes.append(chain(*args) is not None) or chain(*args))
+    run(model, F.mse_loss, x, y, *GGN)
+    assert outcomes == [False]
+    assert_matches(model, "diag_ggn_exact", reference.ggn_diagonal(model, F.mse_loss, x, y))
 
 
 def test_chain_stops_at_an_input_modified_after_the_call():

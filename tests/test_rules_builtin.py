@@ -412,3 +412,34 @@ def test_square_sum_accumulated_and_vectorized(v, weighted):
     weights = torch.randn(v, N, dtype=DT) if weighted else None
     expected = (g.square() * (1 if weights is None else weights[:, :, None, None])).sum(0)
     torch.testing.assert_close(square_sum(g, weights), expected)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Linear(4, 3),
+        nn.Conv1d(4, 6, 3, padding=1, stride=2),
+        nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2),
+        nn.Conv2d(4, 6, 3, padding="same"),
+        nn.Conv2d(4, 6, 2, stride=2),
+        nn.Conv3d(4, 2, 3, padding=1),
+    ],
+    ids=lambda m: repr(m),
+)
+def test_input_vjp_against_autograd(module: nn.Module) -> None:
+    """The rules' input Jacobian products for V vectors, as used by the column chains."""
+    torch.manual_seed(0)
+    module = module.double()
+    spatial = {nn.Linear: (), nn.Conv1d: (9,), nn.Conv2d: (8, 9), nn.Conv3d: (5, 5, 5)}[type(module)]
+    x = torch.randn(N, 4, *spatial, dtype=DT, requires_grad=True)
+    y = module(x)
+    vectors = torch.randn(3, *y.shape, dtype=DT)
+    expected = torch.stack([torch.autograd.grad(y, x, v, retain_graph=True)[0] for v in vectors])
+    torch.testing.assert_close(rule_for(module).input_vjp(module, (x,), vectors), expected)
+
+
+def test_conv_input_vjp_declines_padding_outside_the_convolution() -> None:
+    """Reflect padding (or asymmetric 'same' padding) is a separate operation: no closed form."""
+    module = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect").double()
+    x = torch.randn(N, 2, 5, 5, dtype=DT)
+    assert rule_for(module).input_vjp(module, (x,), torch.randn(1, *module(x).shape, dtype=DT)) is None

@@ -5,15 +5,18 @@ model output or the input of a curved operation, back to the outputs of the reco
 module calls below it. In general one vectorized backward through autograd
 (:func:`~secorder_hooks.engine.vjp.batched_grad`) does this for all ``V`` columns at once.
 
-When the graph below the source is a *chain*, layer, unary elementwise operations,
-layer, ..., whose layers' rules know their input Jacobian
-(:meth:`~secorder_hooks.rules.base.LayerRule.input_vjp`), the columns are propagated
-without autograd: the rule's product for each layer, times the derivative of each
-elementwise operation (its autograd node applied to ones). This is exact because the
-walk checks that nothing else reaches the recorded outputs from the source: every other
-input of a node on the chain is a parameter. It saves the vectorization and engine
-overhead, a quarter of the column pass on a small MLP (problem A of the benchmarks: 1.26
-against 0.93 ms for 9 columns).
+When the graph below the source is a *chain*, a sequence of recorded layers whose rules
+know their input Jacobian (:meth:`~secorder_hooks.rules.base.LayerRule.input_vjp`:
+Linear, convolutions) joined by autograd nodes of one differentiable input each
+(activations, pooling, reshapes, frozen layers), the columns are propagated without
+the autograd engine: the rule's product for each layer (all columns in one batched
+operation), the node itself for every other step (a backward function is linear in the
+gradient it receives; for a unary elementwise node and several columns, its derivative
+is computed once). This is exact because the walk checks that nothing else reaches the
+recorded outputs from the source: every node on it has one input, and the layers' nodes
+take only their recorded input and parameters. It saves the vectorization and engine
+overhead: on a small MLP (problem A of the benchmarks) 1.26 against 0.93 ms for 9
+columns.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node
 
 from secorder_hooks.engine.curved_ops import DIAGONAL
@@ -35,7 +39,7 @@ ColumnBlock = dict[int, tuple[Tensor, ...]]
 """Record id -> the ``[V, N, *out_i]`` vectors at each differentiable output of the call."""
 
 _CHAIN_ELEMENTWISE = DIAGONAL - {"ToCopyBackward0"}
-"""Unary elementwise nodes a chain may pass (not dtype conversions: the columns keep their dtype)."""
+"""Unary elementwise nodes whose derivative :func:`_through` may compute once (not dtype conversions)."""
 
 
 def backprop_columns(
@@ -88,39 +92,54 @@ def _chain(
 ) -> ColumnBlock | None:
     """The columns at every record if the records form a chain below the only source, else ``None``.
 
-    Going down from the source, each step is a record whose output is the current edge
-    (one output), whose autograd node takes the record's first input directly and
-    otherwise only parameters, and whose rule has an ``input_vjp``; then unary
-    elementwise nodes, each with one input, down to the output of the next record.
-    Every record must be visited. Edges are compared as ``(node, output_nr)`` tuples.
+    From the source down, nodes of one differentiable input each are passed by
+    :func:`_through` until the output of a record (with one output); the record's node
+    must take the record's first input directly and otherwise only parameters, and its
+    rule must have an ``input_vjp``; then the walk goes on from that input. Every record
+    must be visited. Edges are compared as ``(node, output_nr)`` tuples.
     """
     by_edge = {_pair(rec.output_edges[0]): rec for rec in records if len(rec.output_edges) == 1}
     if len(sources) != 1 or len(by_edge) != len(records):
         return None
     edge, g = _pair(sources[0]), columns[0]
     result: ColumnBlock = {}
-    while True:
-        rec = by_edge.get(edge)
-        if rec is None:
-            return None
-        result[id(rec)] = (g,)
-        if len(result) == len(records):
-            return result
-        below = _layer_input_edge(rec)
-        if below is None:
-            return None
-        g = rules[rec.module].input_vjp(rec.module, rec.inputs, g)
-        if g is None:
-            return None
-        edge = below
-        with torch.no_grad():
-            while edge not in by_edge:
+    with torch.no_grad():
+        while True:
+            while edge not in by_edge:  # the nodes between two records: one input each
                 node = edge[0]
-                following = [e for e in node.next_functions if e[0] is not None]
-                if type(node).__name__ not in _CHAIN_ELEMENTWISE or len(following) != 1:
+                inputs = [i for i, e in enumerate(node.next_functions) if e[0] is not None]
+                if len(inputs) != 1 or isinstance(node, BackwardCFunction):  # not a user's autograd.Function
                     return None
-                g = g * node(torch.ones_like(g[0]))  # the derivative of a unary elementwise op
-                edge = following[0]
+                try:
+                    g = _through(node, inputs[0], g)
+                except (TypeError, RuntimeError):  # e.g. a node of several outputs wants a gradient for each
+                    return None
+                edge = node.next_functions[inputs[0]]
+            rec = by_edge[edge]
+            result[id(rec)] = (g,)
+            if len(result) == len(records):
+                return result
+            below = _layer_input_edge(rec)
+            if below is None:
+                return None
+            g = rules[rec.module].input_vjp(rec.module, rec.inputs, g)
+            if g is None:
+                return None
+            edge = below
+
+
+def _through(node: Node, index: int, g: Tensor) -> Tensor:
+    """``[V, *in]`` vector-Jacobian products of a node with one differentiable input (number ``index``).
+
+    A backward function is linear in the gradient it receives: one call per column. For
+    several columns through a unary elementwise node, its derivative (the node applied to
+    ones) is computed once and multiplies all of them.
+    """
+    if g.shape[0] > 1 and type(node).__name__ in _CHAIN_ELEMENTWISE:
+        return g * node(torch.ones_like(g[0]))
+    grads = [node(column) for column in g]
+    grads = [grad if isinstance(grad, Tensor) else grad[index] for grad in grads]
+    return grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)
 
 
 def _pair(edge: GradientEdge) -> tuple[Node, int]:

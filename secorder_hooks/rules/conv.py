@@ -313,6 +313,35 @@ class ConvRule(LayerRule):
         assert total is not None
         return total
 
+    def input_vjp(self, module: nn.Module, inputs: Sequence[Tensor], vectors: Tensor) -> Tensor | None:
+        """``[V, N, C_in, *S]``: the input gradient of the convolution for each vector (``V`` folded into ``N``).
+
+        ``None`` for padding that is not zeros on both sides of every axis (applied by a
+        separate padding operation).
+        """
+        x = inputs[0]
+        d = len(module.kernel_size)
+        pads = conv_padding(module)
+        if module.padding_mode != "zeros" or any(pads[2 * i] != pads[2 * i + 1] for i in range(d)):
+            return None
+        if x.dim() != d + 2:
+            return None
+        v, n = vectors.shape[:2]
+        grad, _, _ = torch.ops.aten.convolution_backward(
+            vectors.reshape(v * n, *vectors.shape[2:]),
+            x.new_zeros(()).expand(v * n, *x.shape[1:]),  # only its shape is read
+            module.weight.detach(),
+            None,
+            list(module.stride),
+            [pads[2 * (d - 1 - i)] for i in range(d)],
+            list(module.dilation),
+            False,
+            [0] * d,
+            module.groups,
+            [True, False, False],
+        )
+        return grad.reshape(v, n, *x.shape[1:])
+
     def output_curvature(
         self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor, per_example: bool
     ) -> ParamDict:
