@@ -182,6 +182,19 @@ def test_columns_through_chains_without_autograd(monkeypatch: pytest.MonkeyPatch
             torch.testing.assert_close(p.diag_h_batch, fast[k][1], atol=1e-12, rtol=1e-10)
 
 
+def test_chain_leaves_many_columns_through_pooling_to_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_NODE_CALLS columns, a node that is not elementwise ends the chain (autograd batches them)."""
+    monkeypatch.setattr(columns, "MAX_NODE_CALLS", 1)
+    outcomes: list[bool] = []
+    chain = columns._chain
+    monkeypatch.setattr(columns, "_chain", lambda *args: outcomes.append(chain(*args) is not None) or chain(*args))
+    case = zoo.make("cnn", torch.float64)
+    loss_fn = case.loss_fn("mean")
+    run(case.model, loss_fn, case.x, case.y, sh.DiagGGNExact())
+    assert outcomes == [False]
+    assert_matches(case.model, "diag_ggn_exact", reference.ggn_diagonal(case.model, loss_fn, case.x, case.y))
+
+
 class Cube(torch.autograd.Function):
     """A user's autograd.Function between two layers."""
 

@@ -41,6 +41,10 @@ ColumnBlock = dict[int, tuple[Tensor, ...]]
 _CHAIN_ELEMENTWISE = DIAGONAL - {"ToCopyBackward0"}
 """Unary elementwise nodes whose derivative :func:`_through` may compute once (not dtype conversions)."""
 
+MAX_NODE_CALLS = 16
+"""Most columns a chain passes through a node that is not elementwise (one call per column);
+with more, e.g. the one-hot columns of a Hessian term, autograd's batched kernels are used."""
+
 
 def backprop_columns(
     sources: Sequence[GradientEdge],
@@ -109,6 +113,8 @@ def _chain(
                 node = edge[0]
                 inputs = [i for i, e in enumerate(node.next_functions) if e[0] is not None]
                 if len(inputs) != 1 or isinstance(node, BackwardCFunction):  # not a user's autograd.Function
+                    return None
+                if len(g) > MAX_NODE_CALLS and type(node).__name__ not in _CHAIN_ELEMENTWISE:
                     return None
                 try:
                     g = _through(node, inputs[0], g)
