@@ -33,7 +33,7 @@ from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.rules.base import LayerRule
 
-__all__ = ["ColumnBlock", "backprop_columns"]
+__all__ = ["ColumnBlock", "MAX_NODE_CALLS", "backprop_columns"]
 
 ColumnBlock = dict[int, tuple[Tensor, ...]]
 """Record id -> the ``[V, N, *out_i]`` vectors at each differentiable output of the call."""
