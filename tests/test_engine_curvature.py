@@ -152,6 +152,26 @@ class ModifiedAfterUse(nn.Module):
         return out
 
 
+def spy_on_chains(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per column pass from now on: True if a chain carried the columns, False if autograd did."""
+    outcomes: list[bool] = []
+    run_chain, batched_grad = columns._run_chain, columns.batched_grad
+
+    def chained(*args):
+        block = run_chain(*args)
+        if block is not None:
+            outcomes.append(True)
+        return block
+
+    def by_autograd(*args, **kwargs):
+        outcomes.append(False)
+        return batched_grad(*args, **kwargs)
+
+    monkeypatch.setattr(columns, "_run_chain", chained)
+    monkeypatch.setattr(columns, "batched_grad", by_autograd)
+    return outcomes
+
+
 @pytest.mark.parametrize(
     ("name", "chained"),
     [
@@ -166,15 +186,13 @@ class ModifiedAfterUse(nn.Module):
 )
 def test_columns_through_chains_without_autograd(monkeypatch: pytest.MonkeyPatch, name: str, chained: bool) -> None:
     """Chains of Linear/conv layers and one-input nodes take the fast path; its columns equal autograd's."""
-    outcomes: list[bool] = []
-    chain = columns._chain
-    monkeypatch.setattr(columns, "_chain", lambda *args: outcomes.append(chain(*args) is not None) or chain(*args))
+    outcomes = spy_on_chains(monkeypatch)
     case = zoo.make(name, torch.float64)
     loss_fn = case.loss_fn("sum")
     run(case.model, loss_fn, case.x, case.y, *GGN, *HESSIAN)
     assert outcomes and all(outcome == chained for outcome in outcomes)
     fast = {k: (p.diag_ggn_exact_batch, p.diag_h_batch) for k, p in case.model.named_parameters() if p.requires_grad}
-    monkeypatch.setattr(columns, "_chain", lambda *args: None)
+    monkeypatch.setattr(columns, "_run_chain", lambda *args: None)
     run(case.model, loss_fn, case.x, case.y, *GGN, *HESSIAN)
     for k, p in case.model.named_parameters():
         if p.requires_grad:
@@ -185,9 +203,7 @@ def test_columns_through_chains_without_autograd(monkeypatch: pytest.MonkeyPatch
 def test_chain_leaves_many_columns_through_pooling_to_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_NODE_CALLS columns, a node that is not elementwise ends the chain (autograd batches them)."""
     monkeypatch.setattr(columns, "MAX_NODE_CALLS", 1)
-    outcomes: list[bool] = []
-    chain = columns._chain
-    monkeypatch.setattr(columns, "_chain", lambda *args: outcomes.append(chain(*args) is not None) or chain(*args))
+    outcomes = spy_on_chains(monkeypatch)
     case = zoo.make("cnn", torch.float64)
     loss_fn = case.loss_fn("mean")
     run(case.model, loss_fn, case.x, case.y, sh.DiagGGNExact())
@@ -224,9 +240,7 @@ def test_chain_leaves_a_users_autograd_function_to_autograd(monkeypatch: pytest.
     first, second = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
     model = nn.Sequential(first, CubeModule(), second)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    outcomes: list[bool] = []
-    chain = columns._chain
-    monkeypatch.setattr(columns, "_chain", lambda *args: outcomes.append(chain(*args) is not None) or chain(*args))
+    outcomes = spy_on_chains(monkeypatch)
     run(model, F.mse_loss, x, y, *GGN)
     assert outcomes == [False]
     assert_matches(model, "diag_ggn_exact", reference.ggn_diagonal(model, F.mse_loss, x, y))

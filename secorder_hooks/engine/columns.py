@@ -8,8 +8,9 @@ module calls below it. In general one vectorized backward through autograd
 When the graph below the source is a *chain*, a sequence of recorded layers whose rules
 know their input Jacobian (:meth:`~secorder_hooks.rules.base.LayerRule.input_vjp`:
 Linear, convolutions) joined by autograd nodes of one differentiable input each
-(activations, pooling, reshapes, frozen layers), the columns are propagated without
-the autograd engine: the rule's product for each layer (all columns in one batched
+(activations, pooling, reshapes, frozen layers), found once per column pass by
+inspecting the graph (:func:`find_chain`), the columns are propagated without the
+autograd engine: the rule's product for each layer (all columns in one batched
 operation), the node itself for every other step (a backward function is linear in the
 gradient it receives; for a unary elementwise node and several columns, its derivative
 is computed once). This is exact because the walk checks that nothing else reaches the
@@ -22,18 +23,20 @@ columns.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node
 
-from secorder_hooks.engine.curved_ops import DIAGONAL
+from secorder_hooks.engine.curved_ops import DIAGONAL, node_name
+from secorder_hooks.engine.graph import leaf_variable, only_input
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.rules.base import LayerRule
 
-__all__ = ["ColumnBlock", "MAX_NODE_CALLS", "backprop_columns"]
+__all__ = ["ColumnBlock", "Chain", "MAX_NODE_CALLS", "backprop_columns", "find_chain"]
 
 ColumnBlock = dict[int, tuple[Tensor, ...]]
 """Record id -> the ``[V, N, *out_i]`` vectors at each differentiable output of the call."""
@@ -46,11 +49,42 @@ MAX_NODE_CALLS = 16
 with more, e.g. the one-hot columns of a Hessian term, autograd's batched kernels are used."""
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One step of a :class:`Chain` from the source down.
+
+    Attributes:
+        node: An autograd node to pass, or ``None`` at a record.
+        index: Position of the node's one differentiable input.
+        elementwise: The node is unary elementwise (its derivative serves all columns).
+        record: The record whose output the columns reach here, for a record step.
+        rule: The record's rule, whose ``input_vjp`` continues below it (``None`` at the last record).
+    """
+
+    node: Node | None = None
+    index: int = 0
+    elementwise: bool = False
+    record: CallRecord | None = None
+    rule: LayerRule | None = None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """How columns travel from one source through all the records without autograd (:func:`find_chain`)."""
+
+    steps: tuple[_Step, ...]
+
+    @property
+    def calls_per_column(self) -> bool:
+        """Whether some node is applied once per column (not elementwise)."""
+        return any(step.node is not None and not step.elementwise for step in self.steps)
+
+
 def backprop_columns(
     sources: Sequence[GradientEdge],
     columns: Sequence[Tensor],
     records: Sequence[CallRecord],
-    rules: Mapping[nn.Module, LayerRule] | None = None,
+    chain: Chain | None = None,
 ) -> ColumnBlock:
     r"""Backpropagate columns from ``sources`` to the outputs of ``records``.
 
@@ -61,7 +95,7 @@ def backprop_columns(
         sources: Gradient edges of the tensors the columns live at.
         columns: One ``[V, *source.shape]`` block per source (the same ``V`` for all).
         records: The calls whose outputs receive the columns.
-        rules: The rule of each recorded module, for the chain fast path (none without).
+        chain: :func:`find_chain` of the same sources and records, if it found one.
 
     Returns:
         For each record, the ``[V, *out_i]`` vectors at every output (zeros where the
@@ -70,8 +104,8 @@ def backprop_columns(
     edges = [edge for rec in records for edge in rec.output_edges]
     if not edges:
         return {}
-    if rules is not None:
-        chained = _chain(sources, columns, records, rules)
+    if chain is not None:
+        chained = _run_chain(chain, columns[0])
         if chained is not None:
             return chained
     v = columns[0].shape[0]
@@ -88,63 +122,77 @@ def backprop_columns(
     return result
 
 
-def _chain(
-    sources: Sequence[GradientEdge],
-    columns: Sequence[Tensor],
-    records: Sequence[CallRecord],
-    rules: Mapping[nn.Module, LayerRule],
-) -> ColumnBlock | None:
-    """The columns at every record if the records form a chain below the only source, else ``None``.
+def find_chain(
+    sources: Sequence[GradientEdge], records: Sequence[CallRecord], rules: Mapping[nn.Module, LayerRule]
+) -> Chain | None:
+    """The chain from the only source through every record, if the graph is one; found by inspection alone.
 
-    From the source down, nodes of one differentiable input each are passed by
-    :func:`_through` until the output of a record (with one output); the record's node
-    must take the record's first input directly and otherwise only parameters, and its
-    rule must have an ``input_vjp``; then the walk goes on from that input. Every record
-    must be visited. Edges are compared as ``(node, output_nr)`` tuples.
+    From the source down, nodes with one differentiable input each are passed until the
+    output of a record (with one output); the record's node must take the record's first
+    input directly and otherwise only parameter leaves, and its rule must have an
+    ``input_vjp``; then the walk goes on from that input. Users' ``autograd.Function`` s are
+    left to autograd. Edges are compared as ``(node, output_nr)`` pairs.
     """
     by_edge = {_pair(rec.output_edges[0]): rec for rec in records if len(rec.output_edges) == 1}
-    if len(sources) != 1 or len(by_edge) != len(records):
+    if len(sources) != 1 or not records or len(by_edge) != len(records):
         return None
-    edge, g = _pair(sources[0]), columns[0]
+    edge = _pair(sources[0])
+    steps: list[_Step] = []
+    remaining = len(records)
+    while True:
+        while edge not in by_edge:  # the nodes between two records
+            node = edge[0]
+            index = only_input(node)
+            if index is None or isinstance(node, BackwardCFunction):
+                return None
+            steps.append(_Step(node=node, index=index, elementwise=node_name(node) in _CHAIN_ELEMENTWISE))
+            edge = node.next_functions[index]
+        rec = by_edge[edge]
+        remaining -= 1
+        if remaining == 0:
+            steps.append(_Step(record=rec))
+            return Chain(tuple(steps))
+        below = _layer_input_edge(rec)
+        rule = rules[rec.module]
+        if below is None or type(rule).input_vjp is LayerRule.input_vjp:
+            return None
+        steps.append(_Step(record=rec, rule=rule))
+        edge = below
+
+
+def _run_chain(chain: Chain, g: Tensor) -> ColumnBlock | None:
+    """The columns ``g`` (``[V, *source]``) at every record of ``chain``; ``None`` where a step declines."""
+    if len(g) > MAX_NODE_CALLS and chain.calls_per_column:
+        return None
     result: ColumnBlock = {}
     with torch.no_grad():
-        while True:
-            while edge not in by_edge:  # the nodes between two records: one input each
-                node = edge[0]
-                inputs = [i for i, e in enumerate(node.next_functions) if e[0] is not None]
-                if len(inputs) != 1 or isinstance(node, BackwardCFunction):  # not a user's autograd.Function
-                    return None
-                if len(g) > MAX_NODE_CALLS and type(node).__name__ not in _CHAIN_ELEMENTWISE:
-                    return None
+        for step in chain.steps:
+            if step.record is None:
                 try:
-                    g = _through(node, inputs[0], g)
+                    g = _through(step, g)
                 except (TypeError, RuntimeError):  # e.g. a node of several outputs wants a gradient for each
                     return None
-                edge = node.next_functions[inputs[0]]
-            rec = by_edge[edge]
-            result[id(rec)] = (g,)
-            if len(result) == len(records):
-                return result
-            below = _layer_input_edge(rec)
-            if below is None:
-                return None
-            g = rules[rec.module].input_vjp(rec.module, rec.inputs, g)
-            if g is None:
-                return None
-            edge = below
+                continue
+            result[id(step.record)] = (g,)
+            if step.rule is not None:
+                g = step.rule.input_vjp(step.record.module, step.record.inputs, g)
+                if g is None:
+                    return None
+    return result
 
 
-def _through(node: Node, index: int, g: Tensor) -> Tensor:
-    """``[V, *in]`` vector-Jacobian products of a node with one differentiable input (number ``index``).
+def _through(step: _Step, g: Tensor) -> Tensor:
+    """``[V, *in]`` vector-Jacobian products of the step's node.
 
     A backward function is linear in the gradient it receives: one call per column. For
     several columns through a unary elementwise node, its derivative (the node applied to
     ones) is computed once and multiplies all of them.
     """
-    if g.shape[0] > 1 and type(node).__name__ in _CHAIN_ELEMENTWISE:
+    node = step.node
+    if g.shape[0] > 1 and step.elementwise:
         return g * node(torch.ones_like(g[0]))
     grads = [node(column) for column in g]
-    grads = [grad if isinstance(grad, Tensor) else grad[index] for grad in grads]
+    grads = [grad if isinstance(grad, Tensor) else grad[step.index] for grad in grads]
     return grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)
 
 
@@ -167,9 +215,8 @@ def _layer_input_edge(rec: CallRecord) -> tuple[Node, int] | None:
 
 def _is_parameter(node: Node) -> bool:
     """A leaf's ``AccumulateGrad``, or a transpose of one (how ``F.linear`` takes its weight)."""
-    name = type(node).__name__
-    if name == "AccumulateGrad":
+    if leaf_variable(node) is not None:
         return True
-    return name == "TBackward0" and all(
-        n is None or type(n).__name__ == "AccumulateGrad" for n, _ in node.next_functions
+    return node_name(node) == "TBackward0" and all(
+        n is None or leaf_variable(n) is not None for n, _ in node.next_functions
     )

@@ -27,8 +27,9 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
-from secorder_hooks.engine.columns import backprop_columns
+from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
+from secorder_hooks.engine.graph import only_input
 from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
@@ -305,8 +306,9 @@ def column_pass(
     """
     reached = {id(rec) for rec in targets}
     params = [(key, parts) for key, parts in contributions.by_param.items() if any(id(r) in reached for r, _ in parts)]
+    chain = find_chain(sources, targets, contributions.rules)  # the graph is the same for every block
     for columns, weights in blocks:
-        block = backprop_columns(sources, columns, targets, contributions.rules)
+        block = backprop_columns(sources, columns, targets, chain)
         v = columns[0].shape[0]
 
         def grad_outputs(rec: CallRecord, block=block, v=v) -> Tensor | tuple[Tensor, ...]:
@@ -433,10 +435,10 @@ def _diagonal_chain_end(x: Tensor | None) -> GradientEdge | None:
         return None
     edge = get_gradient_edge(x)
     while node_name(edge.node) in DIAGONAL:
-        following = [GradientEdge(n, i) for n, i in edge.node.next_functions if n is not None]
-        if len(following) != 1:
+        index = only_input(edge.node)
+        if index is None:
             return None
-        edge = following[0]
+        edge = GradientEdge(*edge.node.next_functions[index])
     return edge
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["iter_nodes", "leaf_variable", "reached_parameters", "children"]
+__all__ = ["iter_nodes", "leaf_variable", "reached_parameters", "children", "only_input"]
 
 
 def children(node: Node) -> Iterator[Node]:
@@ -15,6 +15,12 @@ def children(node: Node) -> Iterator[Node]:
     for child, _ in node.next_functions:
         if child is not None:
             yield child
+
+
+def only_input(node: Node) -> int | None:
+    """The position in ``next_functions`` of the node's one differentiable input, ``None`` unless it has one."""
+    inputs = [i for i, (child, _) in enumerate(node.next_functions) if child is not None]
+    return inputs[0] if len(inputs) == 1 else None
 
 
 def iter_nodes(root: Node | None, stop: set[Node] | None = None) -> Iterator[Node]:

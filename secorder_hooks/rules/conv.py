@@ -48,6 +48,18 @@ def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
     return pads
 
 
+def _op_padding(module: nn.modules.conv._ConvNd, pads: list[int]) -> list[int] | None:
+    """The convolution operators' ``padding`` argument (first spatial axis first) for ``pads``, if they can take it.
+
+    ``None`` where the padding is not zeros, or not equal on both sides of an axis: then it
+    must be applied by ``F.pad`` first.
+    """
+    d = len(module.kernel_size)
+    if module.padding_mode != "zeros" or any(pads[2 * i] != pads[2 * i + 1] for i in range(d)):
+        return None
+    return [pads[2 * (d - 1 - i)] for i in range(d)]
+
+
 def unfold_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     r"""Input patches of every output location, grouped: ``[N, G, P, C_in/G * prod(kernel)]``.
 
@@ -92,12 +104,10 @@ def _unfold_2d(module: nn.modules.conv._ConvNd, x: Tensor, pads: list[int]) -> T
     The result is a transposed view of the contiguous ``[N, G, C_g * kh * kw, P]`` patches,
     which batched matrix products read without a copy.
     """
-    w_left, w_right, h_left, h_right = pads
-    if module.padding_mode == "zeros" and w_left == w_right and h_left == h_right:
-        padding = (h_left, w_left)
-    else:
+    padding = _op_padding(module, pads)
+    if padding is None:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x, padding = F.pad(x, pads, mode=mode), (0, 0)
+        x, padding = F.pad(x, pads, mode=mode), [0, 0]
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
     return cols.unflatten(1, (module.groups, -1)).transpose(-1, -2)
 
@@ -166,10 +176,8 @@ def grouped_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output
     v, n, c_out = grad_output.shape[:3]
     d, groups = len(module.kernel_size), module.groups
     pads = conv_padding(module)
-    symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(d))
-    if module.padding_mode == "zeros" and symmetric:
-        padding = [pads[2 * (d - 1 - i)] for i in range(d)]
-    else:
+    padding = _op_padding(module, pads)
+    if padding is None:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x, padding = F.pad(x, pads, mode=mode), [0] * d
     o_g, c_g = c_out // groups, x.shape[1] // groups
@@ -321,10 +329,8 @@ class ConvRule(LayerRule):
         """
         x = inputs[0]
         d = len(module.kernel_size)
-        pads = conv_padding(module)
-        if module.padding_mode != "zeros" or any(pads[2 * i] != pads[2 * i + 1] for i in range(d)):
-            return None
-        if x.dim() != d + 2:
+        padding = _op_padding(module, conv_padding(module))
+        if padding is None or x.dim() != d + 2:
             return None
         v, n = vectors.shape[:2]
         grad, _, _ = torch.ops.aten.convolution_backward(
@@ -333,7 +339,7 @@ class ConvRule(LayerRule):
             module.weight.detach(),
             None,
             list(module.stride),
-            [pads[2 * (d - 1 - i)] for i in range(d)],
+            padding,
             list(module.dilation),
             False,
             [0] * d,
