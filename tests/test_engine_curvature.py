@@ -200,6 +200,23 @@ def test_columns_through_chains_without_autograd(monkeypatch: pytest.MonkeyPatch
             torch.testing.assert_close(p.diag_h_batch, fast[k][1], atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chain_through_in_place_activations(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
+    """ReLU(inplace=True) rewrites a layer's output after it was recorded; the chain still applies and is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+    def loss_fn(o, t):
+        return F.cross_entropy(o, t, reduction=reduction)
+
+    outcomes = spy_on_chains(monkeypatch)
+    run(model, loss_fn, x, y, *GGN, *HESSIAN)
+    assert outcomes and all(outcomes)
+    assert_matches(model, "diag_ggn_exact_batch", reference.ggn_diagonal(model, loss_fn, x, y, per_example=True))
+    assert_matches(model, "diag_h", reference.hessian_diagonal(model, loss_fn, x, y))
+
+
 def test_chain_leaves_many_columns_through_pooling_to_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_NODE_CALLS columns, a node that is not elementwise ends the chain (autograd batches them)."""
     monkeypatch.setattr(columns, "MAX_NODE_CALLS", 1)
