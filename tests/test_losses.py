@@ -22,6 +22,7 @@ from secorder_hooks.losses import (
     loss_term_from_type,
     make_loss_call,
 )
+from secorder_hooks.losses.cross_entropy import _sample_classes
 
 DT = torch.float64
 
@@ -60,15 +61,23 @@ def check_exact(term: LossTerm, loss_fn: Callable[[Tensor], Tensor], f: Tensor) 
     torch.testing.assert_close(reconstruct(sc, f.shape[0]), reference_blocks(loss_fn, f), rtol=1e-10, atol=1e-12)
 
 
-def check_mc(term: LossTerm, exact: Tensor, n: int, mc_samples: int = 2000, seed: int = 1) -> None:
-    """One call with M samples estimates the exact block; error within 5 standard errors."""
+def check_mc(term: LossTerm, exact: Tensor, n: int, mc_samples: int = 20000, seed: int = 1) -> None:
+    """One call with M samples estimates the exact block; error within 5 standard errors.
+
+    The sample variance of a product :math:`u_i u_j` of two rare events (classes of small
+    probability at two positions) underestimates its variance whenever the joint event is not
+    drawn, so the standard error uses the larger of the sample variance and
+    :math:`E[u_i^2] E[u_j^2]`, the variance of a product of independent zero-mean entries.
+    """
     cols = term.sample_sqrt_hessian(mc_samples, torch.Generator().manual_seed(seed))
     assert cols.shape == (mc_samples, *term.shape)
     u = cols.reshape(mc_samples, n, -1) * math.sqrt(mc_samples)  # unscaled sampled gradients
     outer = torch.einsum("mni,mnj->mnij", u, u)
     estimate = (cols.reshape(mc_samples, n, -1)[..., :, None] * cols.reshape(mc_samples, n, -1)[..., None, :]).sum(0)
     torch.testing.assert_close(estimate, outer.mean(0))
-    stderr = outer.std(0) / math.sqrt(mc_samples)
+    second = u.square().mean(0)  # [N, K]
+    variance = torch.maximum(outer.var(0), torch.einsum("ni,nj->nij", second, second))
+    stderr = (variance / mc_samples).sqrt()
     assert ((estimate - exact).abs() <= 5 * stderr + 1e-12).all()
     assert (exact.abs() > 1e-3).any()  # the check is not vacuous
     again = term.sample_sqrt_hessian(mc_samples, torch.Generator().manual_seed(seed))
@@ -179,6 +188,26 @@ def test_monte_carlo_single_sample_is_unbiased():
     stderr = outer.std(0) / math.sqrt(draws.shape[0])
     assert ((outer.mean(0) - exact).abs() <= 5 * stderr + 1e-12).all()
     assert draws[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_classes_frequencies_and_zero_probabilities(dtype):
+    """Inverse-CDF draws: frequencies within 5 standard errors, impossible classes never drawn."""
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=dtype)
+    draws = _sample_classes(probs * 3.0, 20000, torch.Generator().manual_seed(0))  # unnormalized input
+    assert draws.shape == (20000, 2, 1) and draws.dtype == torch.int64
+    freq = F.one_hot(draws[..., 0], probs.shape[1]).to(torch.float64).mean(0)  # [R, C]
+    stderr = (probs.double() * (1 - probs.double()) / draws.shape[0]).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * stderr).all()
+    assert (freq[probs == 0] == 0).all()
+
+
+def test_sample_classes_reproducible_with_generator():
+    probs = torch.softmax(torch.randn(7, 5, dtype=DT), -1)
+    first = _sample_classes(probs, 3, torch.Generator().manual_seed(4))
+    again = _sample_classes(probs, 3, torch.Generator().manual_seed(4))
+    other = _sample_classes(probs, 3, torch.Generator().manual_seed(5))
+    assert torch.equal(first, again) and not torch.equal(first, other)
 
 
 # ----------------------------------------------------------------------------- NLL
