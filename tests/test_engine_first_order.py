@@ -110,6 +110,30 @@ def test_retain_graph_backward_twice_does_not_accumulate() -> None:
     assert_quantities(case, expected, ["grad_batch", "sum_grad_squared", "batch_l2", "variance"])
 
 
+class _GradientScaled(nn.Module):
+    """A Linear whose output gradient a tensor hook doubles, registered after the call (as a parent would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        out.register_hook(lambda g: 2.0 * g)
+        return out
+
+
+def test_gradient_hooks_on_module_outputs_are_seen() -> None:
+    """Per-example gradients follow the gradient autograd propagated, after users' tensor hooks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_GradientScaled(), nn.Tanh(), nn.Linear(2, 1)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with extend(model, BatchGrad()):
+        model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch.sum(0), p.grad, msg=name)
+
+
 def test_module_called_twice_sums_per_example_before_squaring() -> None:
     """A mistake peers made: squaring per call and summing gives a different (wrong) value."""
     torch.manual_seed(1)

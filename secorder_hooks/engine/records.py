@@ -3,7 +3,8 @@
 A :class:`CallRecord` keeps the call's positional tensor inputs, a gradient edge for
 each tensor output (captured at call time, so it refers to the value *before* any
 in-place operation on the output), and the output gradients captured in the ordinary
-backward pass. Records live in a :class:`RecordStore` owned by one
+backward pass (by a pre-hook of the node that produced each output, so they are the
+gradients autograd propagated, after any tensor hook of the user's). Records live in a :class:`RecordStore` owned by one
 :func:`~secorder_hooks.extend` context and are dropped after each backward pass.
 """
 
@@ -166,16 +167,20 @@ class RecordStore:
             output_kinds=[(t.dtype, t.device) for t in outputs],
             grads=[None] * len(outputs),
         )
-        for i, t in enumerate(outputs):
-            t.register_hook(self._capture(rec, i))
+        for i, edge in enumerate(rec.output_edges):
+            edge.node.register_prehook(self._capture(rec, i, edge.output_nr))
         self._records.append(rec)
         if not replaced:
             return None
         return flat[0] if spec is None else tree_unflatten(flat, spec)
 
-    def _capture(self, rec: CallRecord, index: int):
-        def hook(grad: Tensor) -> None:
-            if self.capturing:
+    def _capture(self, rec: CallRecord, index: int, output_nr: int):
+        # A pre-hook of the node that produced the output sees the gradient that node receives, after
+        # every tensor hook (users' gradient hooks included); a tensor hook of ours would see only those
+        # registered before it. Half the cost of a tensor hook, which builds a hook dict in Python.
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            grad = grad_outputs[output_nr]
+            if self.capturing and grad is not None:
                 prev = rec.grads[index]
                 rec.grads[index] = grad if prev is None else prev + grad
 
