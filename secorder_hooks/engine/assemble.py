@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import BatchGrad, BatchL2Grad, SumGradSquared, Variance
-from secorder_hooks.rules.base import LayerRule, rule_for, square_sum
+from secorder_hooks.rules.base import LayerRule, rule_for, weighted_square_reduce
 from secorder_hooks.rules.generic import example_count, rule_parameters
 
 if TYPE_CHECKING:
@@ -123,8 +123,7 @@ class ColumnResults:
         if len(parts) == 1:
             rec, name = parts[0]
             return self._call(rec, "weighted_squared_sum", per_example)[name]
-        squares = square_sum(self.per_example_grads(parts), self.weights)
-        return squares if per_example else squares.sum(0)
+        return weighted_square_reduce(self.per_example_grads(parts), self.weights, per_example)
 
     def squared_norms(self, parts: Sequence[tuple[CallRecord, str]]) -> Tensor:
         """``[V, N]`` squared norm of each per-example gradient."""

@@ -4,8 +4,9 @@ A :class:`CallRecord` keeps the call's positional tensor inputs, a gradient edge
 each tensor output (captured at call time, so it refers to the value *before* any
 in-place operation on the output), and the output gradients captured in the ordinary
 backward pass (by a pre-hook of the node that produced each output, so they are the
-gradients autograd propagated, after any tensor hook of the user's). Records live in a :class:`RecordStore` owned by one
-:func:`~secorder_hooks.extend` context and are dropped after each backward pass.
+gradients autograd propagated, after any tensor hook of the user's). Records live in a
+:class:`RecordStore` owned by one :func:`~secorder_hooks.extend` context and are dropped
+after each backward pass.
 """
 
 from __future__ import annotations

@@ -108,8 +108,8 @@ def _sample_classes(probs: Tensor, mc_samples: int, generator: torch.Generator |
     Inversion of the cumulative distribution: :math:`y = \#\{k < C - 1 : P_k \le u P_{C-1}\}`
     with :math:`P_k = \sum_{j \le k} p_j` and :math:`u \sim U[0, 1)`. A class of zero
     probability is never drawn (its :math:`P_k` equals :math:`P_{k-1}`), except the last one
-    when rounding makes :math:`u P_{C-1}` equal :math:`P_{C-1}`. Four elementwise kernels:
-    a quarter of the time of ``torch.multinomial`` on ``[128, 10]``.
+    when rounding makes :math:`u P_{C-1}` equal :math:`P_{C-1}`. Five small kernels:
+    9 against 38 us for ``torch.multinomial`` on ``[128, 10]``.
 
     Args:
         probs: ``[R, C]`` probabilities over the last axis (need not be normalized).

@@ -33,6 +33,7 @@ __all__ = [
     "registered_rule",
     "trainable_parameters",
     "square_sum",
+    "weighted_square_reduce",
 ]
 
 ParamDict = dict[str, Tensor]
@@ -89,7 +90,7 @@ class LayerRule:
             Per parameter name, ``p.shape`` or ``[N, *p.shape]`` if ``per_example``.
         """
         grads = self.per_example_grads(module, inputs, grad_output)
-        return {name: _weighted_square_reduce(g, weights, per_example) for name, g in grads.items()}
+        return {name: weighted_square_reduce(g, weights, per_example) for name, g in grads.items()}
 
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
         r""":math:`\|g^{(v)}_n\|^2` per parameter tensor, ``[V, N]`` per parameter name."""
@@ -202,8 +203,12 @@ def square_sum(g: Tensor, weights: Tensor | None) -> Tensor:
     return total
 
 
-def _weighted_square_reduce(grads: Tensor, weights: Tensor | None, per_example: bool) -> Tensor:
-    """Reduce ``[V, N, *p]`` to ``sum_v w_vn grads**2`` over ``v`` (and ``n``)."""
+def weighted_square_reduce(grads: Tensor, weights: Tensor | None, per_example: bool) -> Tensor:
+    r""":func:`square_sum` of ``[V, N, *p]``, summed over the examples too unless ``per_example``.
+
+    Returns:
+        ``[N, *p]`` if ``per_example``, else ``p``'s shape: :math:`\sum_{v,n} w_{vn} g_{vn}^2`.
+    """
     squares = square_sum(grads, weights)
     return squares if per_example else squares.sum(0)
 

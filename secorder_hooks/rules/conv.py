@@ -24,7 +24,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from secorder_hooks.errors import UnsupportedModuleError
-from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, square_sum
+from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, weighted_square_reduce
 from secorder_hooks.rules.linear import _chunks, outer_sum_squared_norms, outer_sum_weighted_squares, outer_sums
 
 __all__ = ["ConvRule", "conv_padding", "grouped_weight_grads", "shifted_weight_grads", "unfold_patches"]
@@ -58,6 +58,40 @@ def _op_padding(module: nn.modules.conv._ConvNd, pads: list[int]) -> list[int] |
     if module.padding_mode != "zeros" or any(pads[2 * i] != pads[2 * i + 1] for i in range(d)):
         return None
     return [pads[2 * (d - 1 - i)] for i in range(d)]
+
+
+def _op_input(module: nn.modules.conv._ConvNd, x: Tensor, pads: list[int]) -> tuple[Tensor, list[int]]:
+    """``x`` and the operators' ``padding`` argument (``x`` padded by ``F.pad`` where they cannot take ``pads``)."""
+    padding = _op_padding(module, pads)
+    if padding is not None:
+        return x, padding
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pads, mode=mode), [0] * len(module.kernel_size)
+
+
+def _convolution_backward(
+    module: nn.modules.conv._ConvNd,
+    grad_output: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    padding: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``torch.ops.aten.convolution_backward`` with the module's stride and dilation (no bias, not transposed)."""
+    return torch.ops.aten.convolution_backward(
+        grad_output,
+        x,
+        weight,
+        None,
+        list(module.stride),
+        padding,
+        list(module.dilation),
+        False,
+        [0] * len(module.kernel_size),
+        groups,
+        output_mask,
+    )
 
 
 def unfold_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -104,10 +138,7 @@ def _unfold_2d(module: nn.modules.conv._ConvNd, x: Tensor, pads: list[int]) -> T
     The result is a transposed view of the contiguous ``[N, G, C_g * kh * kw, P]`` patches,
     which batched matrix products read without a copy.
     """
-    padding = _op_padding(module, pads)
-    if padding is None:
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x, padding = F.pad(x, pads, mode=mode), [0, 0]
+    x, padding = _op_input(module, x, pads)
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
     return cols.unflatten(1, (module.groups, -1)).transpose(-1, -2)
 
@@ -174,29 +205,15 @@ def grouped_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, grad_output
         ``[V, N, *weight.shape]``.
     """
     v, n, c_out = grad_output.shape[:3]
-    d, groups = len(module.kernel_size), module.groups
-    pads = conv_padding(module)
-    padding = _op_padding(module, pads)
-    if padding is None:
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x, padding = F.pad(x, pads, mode=mode), [0] * d
+    groups = module.groups
+    x, padding = _op_input(module, x, conv_padding(module))
     o_g, c_g = c_out // groups, x.shape[1] // groups
     out_sizes = grad_output.shape[3:]
     vectors = grad_output.reshape(v, n * groups, o_g, *out_sizes).transpose(0, 1)  # a view for V = 1
     vectors = vectors.reshape(1, n * groups * v * o_g, *out_sizes)
     weight = x.new_empty(n * groups * v * o_g, c_g, *module.kernel_size)  # only its shape is read
-    _, grads, _ = torch.ops.aten.convolution_backward(
-        vectors,
-        x.reshape(1, n * x.shape[1], *x.shape[2:]),
-        weight,
-        None,
-        list(module.stride),
-        padding,
-        list(module.dilation),
-        False,
-        [0] * d,
-        n * groups,
-        [False, True, False],
+    _, grads, _ = _convolution_backward(
+        module, vectors, x.reshape(1, n * x.shape[1], *x.shape[2:]), weight, padding, n * groups, [False, True, False]
     )
     grads = grads.reshape(n * groups, v, o_g, c_g, *module.kernel_size).transpose(0, 1)
     return grads.reshape(v, n, *module.weight.shape)
@@ -281,8 +298,7 @@ class ConvRule(LayerRule):
                 sq = outer_sum_weighted_squares(g, unfold_patches(module, x), weights, per_example)
                 result["weight"] = sq.reshape(*sq.shape[: 1 if per_example else 0], *module.weight.shape)
         if module.bias is not None and module.bias.requires_grad:
-            b_sq = square_sum(grad_output.flatten(3).sum(-1), weights)
-            result["bias"] = b_sq if per_example else b_sq.sum(0)
+            result["bias"] = weighted_square_reduce(grad_output.flatten(3).sum(-1), weights, per_example)
         return result
 
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
@@ -328,21 +344,16 @@ class ConvRule(LayerRule):
         separate padding operation).
         """
         x = inputs[0]
-        d = len(module.kernel_size)
         padding = _op_padding(module, conv_padding(module))
-        if padding is None or x.dim() != d + 2:
+        if padding is None or x.dim() != len(module.kernel_size) + 2:
             return None
         v, n = vectors.shape[:2]
-        grad, _, _ = torch.ops.aten.convolution_backward(
+        grad, _, _ = _convolution_backward(
+            module,
             vectors.reshape(v * n, *vectors.shape[2:]),
             x.new_zeros(()).expand(v * n, *x.shape[1:]),  # only its shape is read
             module.weight.detach(),
-            None,
-            list(module.stride),
             padding,
-            list(module.dilation),
-            False,
-            [0] * d,
             module.groups,
             [True, False, False],
         )

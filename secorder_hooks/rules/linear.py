@@ -22,7 +22,7 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, square_sum
+from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, square_sum, weighted_square_reduce
 
 __all__ = [
     "LinearRule",
@@ -197,8 +197,7 @@ class LinearRule(LayerRule):
         if module.weight.requires_grad:
             result["weight"] = outer_sum_weighted_squares(g, x, weights, per_example).squeeze(-3)
         if module.bias is not None and module.bias.requires_grad:
-            b_sq = square_sum(g.sum((2, 3)), weights)
-            result["bias"] = b_sq if per_example else b_sq.sum(0)
+            result["bias"] = weighted_square_reduce(g.sum((2, 3)), weights, per_example)
         return result
 
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
