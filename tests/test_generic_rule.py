@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from secorder_hooks import BatchGrad, LayerRule, SumGradSquared, check_rule, extend
+from secorder_hooks import BatchGrad, DiagGGNExact, DiagHessian, LayerRule, SumGradSquared, check_rule, extend
 from secorder_hooks.engine.records import CallInputs
 from secorder_hooks.rules import rule_for
 from secorder_hooks.rules.generic import GENERIC_RULE, GenericRule, batch_layout_for
 from secorder_hooks.rules.linear import LinearRule
+from tests import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -178,3 +179,65 @@ def test_extend_with_recurrent_module(batch_first: bool) -> None:
             torch.testing.assert_close(p.grad_batch[n], q.grad, msg=name)
     for p in model.parameters():
         torch.testing.assert_close(p.sum_grad_squared, p.grad_batch.square().sum(0))
+
+
+class LastStep(nn.Module):
+    """A recurrent layer (generic rule) read at the last time step by a linear head."""
+
+    def __init__(self, recurrent: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.recurrent = recurrent(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [N, T, 3]
+        return self.head(self.recurrent(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("recurrent", [nn.RNN, nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_recurrent_modules_in_float32_and_float64(recurrent: type[nn.RNNBase]) -> None:
+    """Every quantity in both dtypes against float64 brute force (float32 LSTM used to fail in oneDNN)."""
+    torch.manual_seed(0)
+    model64 = LastStep(recurrent).double()
+    x, y = torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    grads = reference.per_example_grads(model64, loss_fn, x, y)
+    want = {
+        "grad_batch": grads,
+        "sum_grad_squared": {k: g.square().sum(0) for k, g in grads.items()},
+        "diag_ggn_exact": reference.ggn_diagonal(model64, loss_fn, x, y),
+        "diag_h": reference.hessian_diagonal(model64, loss_fn, x, y),
+    }
+    for dtype, tol in ((torch.float64, {"atol": 1e-12, "rtol": 1e-9}), (torch.float32, {"atol": 1e-6, "rtol": 1e-4})):
+        model = copy.deepcopy(model64).to(dtype)
+        with extend(model, BatchGrad(), SumGradSquared(), DiagGGNExact(), DiagHessian()):
+            loss_fn(model(x.to(dtype)), y).backward()
+        for name, p in model.named_parameters():
+            for attribute, values in want.items():
+                got = getattr(p, attribute)
+                assert got.dtype == dtype
+                torch.testing.assert_close(got.double(), values[name], **tol, msg=f"{dtype} {attribute} {name}")
+
+
+
+class ForgetsWeights(LinearRule):
+    """A typical bug: the curvature weights [V, N] are ignored."""
+
+    def weighted_squared_sum(self, module, inputs, grad_output, weights, per_example):
+        return super().weighted_squared_sum(module, inputs, grad_output, None, per_example)
+
+
+class ScaledTwiceWithRepr(ScaledTwice):
+    def __repr__(self) -> str:
+        return "ScaledTwice(factor=2)"
+
+
+@pytest.mark.parametrize(
+    ("rule", "name"),
+    [(ForgetsWeights(), "ForgetsWeights"), (ScaledTwiceWithRepr(), "ScaledTwice(factor=2)")],
+    ids=["class_name", "own_repr"],
+)
+def test_check_rule_message_names_the_rule(rule: LayerRule, name: str) -> None:
+    with pytest.raises(AssertionError) as info:
+        check_rule(nn.Linear(3, 2), torch.randn(4, 3), rule)
+    assert str(info.value).startswith(f"{name} on Linear: ")
+    assert " object at 0x" not in str(info.value)

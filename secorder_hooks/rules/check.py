@@ -124,7 +124,7 @@ class _Expectation:
     """Formats mismatches between a rule's results and the references."""
 
     def __init__(self, module: nn.Module, rule: LayerRule, atol: float, rtol: float) -> None:
-        self.where = f"{rule!r} on {type(module).__name__}"
+        self.where = f"{_rule_name(rule)} on {type(module).__name__}"
         self.atol, self.rtol = atol, rtol
 
     def close(self, method: str, got: ParamDict, want: ParamDict) -> None:
@@ -146,6 +146,11 @@ class _Expectation:
                     f"{error.max().item():.3e} (max |reference| {expected.abs().max().item():.3e}, "
                     f"atol={self.atol}, rtol={self.rtol})."
                 )
+
+
+def _rule_name(rule: LayerRule) -> str:
+    """``repr(rule)`` where its class defines one (``GenericRule()``), else the class name (``ScaleRule``)."""
+    return repr(rule) if type(rule).__repr__ is not object.__repr__ else type(rule).__qualname__
 
 
 def _to_double(tree: Any) -> Any:

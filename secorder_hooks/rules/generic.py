@@ -17,7 +17,8 @@ modules, whose example axis is 1 unless ``batch_first``, have layouts registered
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -273,6 +274,22 @@ _UNBATCHABLE: set[tuple[type[nn.Module], str]] = set()
 T = TypeVar("T")
 
 
+@contextmanager
+def _differentiable_kernels() -> Iterator[None]:
+    """Select the kernels whose derivatives ``torch.func`` can take, for both paths of the rule.
+
+    * Attention runs in the math kernel, made of batchable operations: ``vmap`` runs the
+      fused CPU kernel, which has no batching rule, once per example (3x slower on the
+      transformer benchmark), and the fused kernels have no double backward.
+    * oneDNN (mkldnn) is disabled: differentiating its float32 CPU LSTM kernel with
+      ``torch.func.vjp`` fails inside torch ("Expected a proper Tensor but got None ...
+      for argument #22 'workspace'"); the native kernel computes the same function and
+      is differentiable there.
+    """
+    with sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
 def _over_examples(
     module: nn.Module, layout: BatchLayout, vectorized: Callable[[], T], one_by_one: Callable[[], T]
 ) -> T:
@@ -280,18 +297,17 @@ def _over_examples(
 
     Some operators lack (correct) vmap batching rules, e.g. the double backward of
     ``prelu``; the loop computes the same quantity, so an error it raises is genuine.
-    Attention runs in the math kernel, made of batchable operations: ``vmap`` runs the
-    fused CPU kernel, which has no batching rule, once per example (3x slower on the
-    transformer benchmark).
+    Both run with :func:`_differentiable_kernels`.
     """
     key = (type(module), one_by_one.__qualname__)
     if layout.vectorize and key not in _UNBATCHABLE:
         try:
-            with vmap_fallbacks_allowed(), sdpa_kernel(SDPBackend.MATH):
+            with vmap_fallbacks_allowed(), _differentiable_kernels():
                 return vectorized()
         except RuntimeError:
             _UNBATCHABLE.add(key)
-    return one_by_one()
+    with _differentiable_kernels():
+        return one_by_one()
 
 
 def _pull_vectors(pullback: Callable[[Outputs], tuple[ParamDict]], cotangents: Outputs) -> ParamDict:
@@ -304,9 +320,9 @@ def _pull_vectors(pullback: Callable[[Outputs], tuple[ParamDict]], cotangents: O
 def _hessian_diagonal(h: Callable[[Tensor], Tensor], theta: Tensor, chunk: int) -> Tensor:
     """Diagonal of the Hessian of scalar ``h`` at ``theta`` [P] by one-hot Hessian-vector products.
 
-    Attention runs in the math kernel: the fused CPU/GPU kernels have no double backward.
+    Runs with :func:`_differentiable_kernels` (the fused attention kernels have no double backward).
     """
-    with sdpa_kernel(SDPBackend.MATH):
+    with _differentiable_kernels():
         _, pullback = vjp(grad(h), theta)
         size = theta.numel()
         pieces = []
