@@ -15,7 +15,7 @@ from secorder_hooks.core import (
     per_layer_fisher_diagonal,
     per_layer_hessian_diagonal,
 )
-from secorder_hooks.engine import extend
+from secorder_hooks.engine import clear_quantities, extend
 from secorder_hooks.errors import (
     ExtensionError,
     SecorderError,
@@ -24,6 +24,7 @@ from secorder_hooks.errors import (
     UnsupportedOperationError,
 )
 from secorder_hooks.quantities import (
+    Accumulation,
     BatchDiagGGNExact,
     BatchDiagHessian,
     BatchGrad,
@@ -52,10 +53,12 @@ __all__ = [
     "generalized_fisher_trace",
     "FallbackWarning",
     "extend",
+    "clear_quantities",
     "register_rule",
     "check_rule",
     "LayerRule",
     "Quantity",
+    "Accumulation",
     "BatchGrad",
     "SumGradSquared",
     "BatchL2Grad",

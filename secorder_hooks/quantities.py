@@ -5,6 +5,9 @@ Notation (see :doc:`/conventions`): the loss is :math:`L = c \sum_n \ell_n(f_n)`
 (1 for ``reduction="sum"``, one over the number of averaged terms for ``"mean"``).
 Each quantity is written to every trainable parameter ``p`` under the attribute name of
 BackPACK, so code written for BackPACK reads it unchanged.
+
+Like ``.grad``, the quantities accumulate over the backward passes run since ``.grad``
+was last reset (see :doc:`/conventions`); :class:`Accumulation` says how each one does.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 __all__ = [
     "Quantity",
     "Order",
+    "Accumulation",
     "BatchGrad",
     "SumGradSquared",
     "BatchL2Grad",
@@ -39,16 +43,34 @@ class Order(enum.Enum):
     """Needs columns of a curvature square root backpropagated through the model."""
 
 
+class Accumulation(enum.Enum):
+    r"""How a quantity of several backward passes (micro-batches) combines, as ``.grad`` does.
+
+    With passes :math:`b = 1, \dots, k` of :math:`N_b` examples since ``.grad`` was last
+    reset, the result equals the quantity of one batch of the concatenated examples, each
+    example's term carrying the reduction factor :math:`c_b` of its own pass.
+    """
+
+    SUM = "sum"
+    """A sum over examples: the passes' values add up (``sum_grad_squared``, the diagonals)."""
+    CONCATENATE = "concatenate"
+    """One row per example: the passes' values are concatenated along dim 0 (``grad_batch``)."""
+    VARIANCE = "variance"
+    """The variance over all examples of the passes, from their running sums (``variance``)."""
+
+
 class Quantity:
     """Base class of the quantities; subclasses are small frozen dataclasses.
 
     Attributes:
         attribute: Name of the attribute written to each trainable parameter.
         order: Which backward passes the quantity needs.
+        accumulation: How the values of successive backward passes combine.
     """
 
     attribute: ClassVar[str]
     order: ClassVar[Order]
+    accumulation: ClassVar[Accumulation] = Accumulation.SUM
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,7 @@ class BatchGrad(Quantity):
 
     attribute: ClassVar[str] = "grad_batch"
     order: ClassVar[Order] = Order.FIRST
+    accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,7 @@ class BatchL2Grad(Quantity):
 
     attribute: ClassVar[str] = "batch_l2"
     order: ClassVar[Order] = Order.FIRST
+    accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,7 @@ class Variance(Quantity):
 
     attribute: ClassVar[str] = "variance"
     order: ClassVar[Order] = Order.FIRST
+    accumulation: ClassVar[Accumulation] = Accumulation.VARIANCE
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,7 @@ class BatchDiagGGNExact(Quantity):
 
     attribute: ClassVar[str] = "diag_ggn_exact_batch"
     order: ClassVar[Order] = Order.SECOND
+    accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
 
 
 @dataclass(frozen=True)
@@ -141,3 +167,4 @@ class BatchDiagHessian(Quantity):
 
     attribute: ClassVar[str] = "diag_h_batch"
     order: ClassVar[Order] = Order.SECOND
+    accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE

@@ -1,7 +1,8 @@
 """One pass of the hook engine on behalf of the function API, without side effects.
 
-The parameters' ``.grad`` are restored afterwards and the quantity attributes removed,
-so calling a function of the API never changes the model's state.
+The parameters' ``.grad`` and quantity attributes are restored afterwards, and active
+``extend()`` contexts of the user are suspended during the pass, so calling a function
+of the API never changes the model's state, inside a context or not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from torch import Tensor, nn
 from secorder_hooks.core._losses import record_loss_calls
 from secorder_hooks.core._validation import check_scalar
 from secorder_hooks.engine import extend
+from secorder_hooks.engine.accumulate import WINDOW_ATTRIBUTE, clear_quantities, quantity_attributes
+from secorder_hooks.engine.session import isolated
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
 
@@ -53,12 +56,13 @@ def run_engine(
         Whatever the engine raises (``NotImplementedError`` subclasses and
         :class:`~secorder_hooks.ExtensionError` when it declines the model or loss).
     """
-    saved = [p.grad for p in params]
+    touched = list({id(p): p for p in (*params, *model.parameters())}.values())
+    saved = [(p.grad, _quantity_state(p)) for p in touched]
     attributes = [q.attribute for q in quantities]
     try:
-        for p in params:
+        for p in touched:
             p.grad = None
-        with extend(model, *quantities):
+        with isolated(), extend(model, *quantities):
             outputs = model(*args)
             with record_loss_calls() as calls:
                 loss = check_scalar(loss_fn(outputs, targets), "loss_fn")
@@ -67,9 +71,14 @@ def run_engine(
             loss.backward()
         values = {a: [getattr(p, a, None) for p in params] for a in attributes}
     finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-            for a in attributes:
-                if hasattr(p, a):
-                    delattr(p, a)
+        clear_quantities(touched)
+        for p, (grad, state) in zip(touched, saved):
+            p.grad = grad
+            p.__dict__.update(state)
     return EngineResult(values=values, loss=loss, loss_calls=calls)
+
+
+def _quantity_state(p: Tensor) -> dict[str, object]:
+    """The quantity attributes of ``p`` and what they accumulated (restored after the pass)."""
+    names = {*quantity_attributes(), WINDOW_ATTRIBUTE}
+    return {k: v for k, v in p.__dict__.items() if k in names}

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor, nn
 
+from secorder_hooks.engine.accumulate import PassValues
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import BatchGrad, BatchL2Grad, SumGradSquared, Variance
@@ -24,7 +24,7 @@ from secorder_hooks.rules.generic import example_count, rule_parameters
 if TYPE_CHECKING:
     from secorder_hooks.engine.session import Session
 
-__all__ = ["Contributions", "ColumnResults", "assemble_first_order"]
+__all__ = ["Contributions", "ColumnResults", "assemble_first_order", "pass_examples"]
 
 
 @dataclass
@@ -133,45 +133,35 @@ class ColumnResults:
         return self.per_example_grads(parts).flatten(2).square().sum(-1)
 
 
-def assemble_first_order(session: Session, contributions: Contributions, param_grads: dict[int, Tensor]) -> None:
-    """Attach the requested first-order quantities to every contributing parameter.
+def assemble_first_order(session: Session, contributions: Contributions, into: PassValues) -> None:
+    r"""Put the requested first-order quantities of this pass of every contributing parameter ``into``.
+
+    ``Variance`` gets this pass's :math:`\sum_n g_n^2`; the accumulation computes it from
+    the sums (:mod:`secorder_hooks.engine.accumulate`).
 
     Args:
         session: The active session (quantities, parameters).
         contributions: The contributing calls, with gradients captured in the backward pass.
-        param_grads: Parameter id -> gradient of this backward pass.
+        into: The values of this pass.
     """
     wanted = {type(q) for q in session.quantities}
     if not wanted & {BatchGrad, SumGradSquared, BatchL2Grad, Variance}:
         return
     results = ColumnResults(contributions, CallRecord.grad_output)
     for key, parts in contributions.by_param.items():
-        p = session.params[key]
         if BatchGrad in wanted:
-            p.grad_batch = results.per_example_grads(parts)[0]
+            into.put(key, BatchGrad, results.per_example_grads(parts)[0])
         if wanted & {SumGradSquared, Variance}:
             sum_sq = results.weighted_squared_sum(parts, per_example=False)
-            if SumGradSquared in wanted:
-                p.sum_grad_squared = sum_sq
-            if Variance in wanted:
-                # sum_sq is a fresh tensor of the rule's; overwrite it unless it is also the result
-                p.variance = _variance(sum_sq, param_grads[key], _batch_size(parts), SumGradSquared not in wanted)
+            for q in wanted & {SumGradSquared, Variance}:
+                into.put(key, q, sum_sq)
         if BatchL2Grad in wanted:
-            p.batch_l2 = results.squared_norms(parts)[0]
+            into.put(key, BatchL2Grad, results.squared_norms(parts)[0])
 
 
-def _variance(sum_sq: Tensor, grad: Tensor, n: int, in_place: bool) -> Tensor:
-    r""":math:`\frac1N \sum_n g_n^2 - (\frac1N \sum_n g_n)^2 = (\sum_n g_n^2 - g^2 / N) / N`, clamped at 0.
-
-    With ``in_place`` the result is written into ``sum_sq`` (one pass, no new tensor).
-    """
-    if in_place and not sum_sq.requires_grad:
-        out = sum_sq.addcmul_(grad, grad, value=-1.0 / n)
-    else:
-        out = torch.addcmul(sum_sq, grad, grad, value=-1.0 / n)
-    return out.div_(n).clamp_(min=0)
-
-
-def _batch_size(parts: Sequence[tuple[CallRecord, str]]) -> int:
-    rec = parts[0][0]
-    return example_count(rec.module, rec.inputs, rec.output_shapes)
+def pass_examples(contributions: Contributions) -> int:
+    """Number of examples of the pass: read off the first contributing call (0 if none)."""
+    for parts in contributions.by_param.values():
+        rec = parts[0][0]
+        return example_count(rec.module, rec.inputs, rec.output_shapes)
+    return 0

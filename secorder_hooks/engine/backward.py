@@ -7,7 +7,9 @@
    are read off their ``.grad`` afterwards.
 3. Checks that every parameter gradient came through recorded module calls.
 4. First-order quantities are assembled from the captured output gradients; curvature
-   quantities run their column passes.
+   quantities run their column passes. Both give the values of this pass, which
+   :mod:`secorder_hooks.engine.accumulate` combines with the earlier passes ``.grad``
+   holds and writes to the parameters.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from secorder_hooks.engine.assemble import Contributions, assemble_first_order
+from secorder_hooks.engine.accumulate import PassValues, Window
+from secorder_hooks.engine.assemble import Contributions, assemble_first_order, pass_examples
 from secorder_hooks.engine.graph import reached_parameters
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import Order, Variance
 
 if TYPE_CHECKING:
+    from secorder_hooks.engine.curvature import CurvaturePlan
     from secorder_hooks.engine.session import Session
 
 __all__ = ["run_backward"]
@@ -55,18 +59,16 @@ def run_backward(
 
     second_order = [q for q in session.quantities if q.order is Order.SECOND]
     plan = CurvaturePlan.build(session, loss) if second_order else None
-    for p in params.values():
-        for q in session.quantities:
-            if hasattr(p, q.attribute):
-                delattr(p, q.attribute)
+    window = Window.open(session)
 
     # Which parameters this pass reaches, and their gradient of this pass, are read off ``.grad``
     # afterwards: a new ``.grad`` tensor, or an in-place accumulation into the old one (its version
     # counter moves). A tensor hook is needed only for the gradient of this pass of a parameter that
-    # already has a ``.grad`` (Variance); hooks on the others would make AccumulateGrad copy.
+    # already has a ``.grad`` (Variance without accumulation; with it, Variance uses all of ``.grad``);
+    # hooks on the others would make AccumulateGrad copy.
     before = {key: (p.grad, p.grad._version if p.grad is not None else 0) for key, p in params.items()}
     param_grads: dict[int, Tensor] = {}
-    wants_grads = any(isinstance(q, Variance) for q in session.quantities)
+    wants_grads = any(isinstance(q, Variance) for q in session.quantities) and not session.options.accumulate
     handles = [
         p.register_hook(_store_into(param_grads, key))
         for key, p in params.items()
@@ -78,14 +80,32 @@ def run_backward(
         handles += plan.register_capture_hooks()
     session.records.capturing = True
     try:
-        torch.autograd.backward(
-            loss, gradient, retain_graph=retain_graph or plan is not None, create_graph=create_graph, inputs=inputs
-        )
-    finally:
-        session.records.capturing = False
-        for handle in handles:
-            handle.remove()
+        try:
+            torch.autograd.backward(
+                loss, gradient, retain_graph=retain_graph or plan is not None, create_graph=create_graph, inputs=inputs
+            )
+        finally:
+            session.records.capturing = False
+            for handle in handles:
+                handle.remove()
+        _quantities(session, plan, window, misuse_fired, before, param_grads, retain_graph, create_graph)
+    except BaseException:
+        window.abandon()  # .grad may have changed: what the parameters hold would no longer match it
+        raise
 
+
+def _quantities(
+    session: Session,
+    plan: CurvaturePlan | None,
+    window: Window,
+    misuse_fired: list[str],
+    before: dict[int, tuple[Tensor | None, int]],
+    param_grads: dict[int, Tensor],
+    retain_graph: bool,
+    create_graph: bool,
+) -> None:
+    """After the ordinary backward: check it, compute this pass's quantities and accumulate them."""
+    params = session.params
     if misuse_fired:
         raise ExtensionError(
             f"parameter '{misuse_fired[0]}' contributes to the loss through an operation outside the forward of "
@@ -95,7 +115,9 @@ def run_backward(
         )
     contributions = Contributions.collect(session)
     reached = _reached(params, before)
-    if wants_grads:
+    if session.options.accumulate:
+        param_grads = {key: p.grad for key, p in params.items() if p.grad is not None}
+    else:
         for key in reached:
             if key not in param_grads:
                 param_grads[key] = params[key].grad
@@ -106,12 +128,15 @@ def run_backward(
             "module did: the forward pass that built this graph ran outside the `with extend(...)` block. "
             "Run the forward pass inside it."
         )
+    values = PassValues()
+    values.examples = pass_examples(contributions)
     session.records.paused = True
     try:
         with torch.set_grad_enabled(create_graph):
-            assemble_first_order(session, contributions, param_grads)
+            assemble_first_order(session, contributions, values)
             if plan is not None:
-                plan.run(contributions)
+                plan.run(contributions, values)
+            window.commit(values, param_grads)
     finally:
         session.records.paused = False
         if not retain_graph:

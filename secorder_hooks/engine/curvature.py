@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from secorder_hooks.engine.accumulate import PassValues
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
@@ -133,8 +134,8 @@ class CurvaturePlan:
         r"""Hooks capturing :math:`\partial L / \partial h` at every curved operation."""
         return [site.node.register_prehook(site.capture) for site in self.sites]
 
-    def run(self, contributions: Contributions) -> None:
-        """Compute the requested curvature quantities and attach them to the parameters."""
+    def run(self, contributions: Contributions, into: PassValues) -> None:
+        """Compute the requested curvature quantities of this pass and put them ``into``."""
         quantities = {type(q): q for q in self.session.quantities}
         per_example = any(q in quantities for q in _PER_EXAMPLE)
         records = _records(contributions)
@@ -158,7 +159,7 @@ class CurvaturePlan:
             residual = Diagonals(per_example)
             self._residuals(contributions, records, residual, chunk)
             self._own_terms(contributions, residual)
-        self._attach(contributions, quantities, ggn, mc, residual)
+        self._attach(contributions, quantities, ggn, mc, residual, into)
 
     def _residuals(self, contributions: Contributions, records: list[CallRecord], into: Diagonals, chunk: int | None):
         for site in self.sites:
@@ -263,6 +264,7 @@ class CurvaturePlan:
         ggn: Diagonals | None,
         mc: Diagonals | None,
         residual: Diagonals | None,
+        into: PassValues,
     ) -> None:
         n = self.batch_size
         for key in contributions.by_param:
@@ -271,9 +273,9 @@ class CurvaturePlan:
                 g = ggn.get(key, p, n)
                 full_g = g.sum(0) if ggn.per_example else g
                 if DiagGGNExact in quantities:
-                    p.diag_ggn_exact = full_g
+                    into.put(key, DiagGGNExact, full_g)
                 if BatchDiagGGNExact in quantities:
-                    p.diag_ggn_exact_batch = g
+                    into.put(key, BatchDiagGGNExact, g)
                 if residual is not None:
                     # no residual term (no curved operation reaches p): the GGN's tensor, copied if also attached
                     if key in residual.values:
@@ -281,11 +283,11 @@ class CurvaturePlan:
                     else:
                         h = g.clone() if (BatchDiagGGNExact if ggn.per_example else DiagGGNExact) in quantities else g
                     if DiagHessian in quantities:
-                        p.diag_h = h.sum(0) if residual.per_example else h
+                        into.put(key, DiagHessian, h.sum(0) if residual.per_example else h)
                     if BatchDiagHessian in quantities:
-                        p.diag_h_batch = h
+                        into.put(key, BatchDiagHessian, h)
             if mc is not None:
-                p.diag_ggn_mc = mc.get(key, p, n)
+                into.put(key, DiagGGNMC, mc.get(key, p, n))
 
 
 def column_pass(
@@ -361,12 +363,10 @@ def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) 
 
 
 def _active_session() -> Session | None:
-    from secorder_hooks.engine.mode import EngineMode
+    from secorder_hooks.engine.session import active_sessions
 
-    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
-        if isinstance(mode, EngineMode):
-            return mode.session
-    return None
+    sessions = active_sessions()
+    return sessions[-1] if sessions else None
 
 
 def _records(contributions: Contributions) -> list[CallRecord]:

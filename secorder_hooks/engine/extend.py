@@ -15,7 +15,9 @@ __all__ = ["extend"]
 
 
 @contextmanager
-def extend(model: nn.Module, *quantities: Quantity, column_chunk_size: int | None = None) -> Iterator[Session]:
+def extend(
+    model: nn.Module, *quantities: Quantity, column_chunk_size: int | None = None, accumulate: bool = True
+) -> Iterator[Session]:
     r"""Compute ``quantities`` in every ``loss.backward()`` run inside the block.
 
     Inside the context, forward passes of ``model`` are recorded and a plain
@@ -24,8 +26,15 @@ def extend(model: nn.Module, *quantities: Quantity, column_chunk_size: int | Non
     ``p.grad_batch``). With :math:`L = c \sum_n \ell_n(f_n)` the loss as computed, the
     quantities are scaled as in :mod:`secorder_hooks.quantities` (BackPACK's scaling).
 
+    Like ``.grad``, the quantities accumulate over backward passes (micro-batches) until
+    ``.grad`` is reset by ``zero_grad()``: ``k`` passes give the quantities of one batch of
+    their concatenated examples (sums add up, per-example ones are concatenated along
+    dim 0; see :doc:`/conventions`).
+
     On exit, even when an exception escapes the block, every hook and recorded tensor is
-    removed from the model; the computed attributes stay.
+    removed from the model; the computed attributes stay until the next backward pass
+    inside ``extend()`` or :func:`~secorder_hooks.clear_quantities`. A backward pass
+    outside the context changes ``.grad`` only.
 
     Example:
         >>> import torch
@@ -44,15 +53,20 @@ def extend(model: nn.Module, *quantities: Quantity, column_chunk_size: int | Non
         *quantities: Instances of the classes in :mod:`secorder_hooks.quantities`.
         column_chunk_size: Bound on the number of curvature columns backpropagated at
             once (see :class:`~secorder_hooks.engine.options.EngineOptions`).
+        accumulate: Accumulate over backward passes as ``.grad`` does (default); with
+            ``False`` each backward pass overwrites the quantities with its own.
 
     Yields:
         The session; its state is internal.
 
     Raises:
-        ExtensionError: The model has no trainable parameters, or is used in a way the
-            engine cannot make exact (the message says which and what to do).
+        ExtensionError: The model has no trainable parameters, another ``extend()``
+            context is active, or the model is used in a way the engine cannot make exact
+            (the message says which and what to do). In a backward pass: ``.grad`` holds
+            gradients that no backward pass inside ``extend()`` computed, so accumulated
+            quantities could not match it (call ``zero_grad()`` first).
     """
-    session = Session(model, quantities, EngineOptions(column_chunk_size=column_chunk_size))
+    session = Session(model, quantities, EngineOptions(column_chunk_size=column_chunk_size, accumulate=accumulate))
     session.open()
     try:
         yield session

@@ -36,6 +36,8 @@ class EngineMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.session.suspended:
+            return func(*args, **kwargs)
         if func is Tensor.backward:
             return self.session.backward(*args, **kwargs)
         result = func(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""Options of the engine that trade memory for speed."""
+"""Options of the engine: memory against speed, accumulation over backward passes."""
 
 from __future__ import annotations
 
@@ -21,11 +21,18 @@ class EngineOptions:
             all at once, or one at a time when the recorded layer outputs exceed
             :data:`~secorder_hooks.engine.curvature.SINGLE_COLUMN_BYTES` per column (then a
             loop is faster and lighter); residual columns go all at once.
+        accumulate: Whether the quantities accumulate over backward passes as ``.grad``
+            does, until ``.grad`` is reset (see :doc:`/conventions`). ``False``: each
+            backward pass overwrites the quantities it computes with its own values,
+            whatever ``.grad`` holds.
     """
 
     column_chunk_size: int | None = None
+    accumulate: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.accumulate, bool):
+            raise TypeError(f"accumulate must be True or False, got {self.accumulate!r}.")
         if self.column_chunk_size is not None and (
             not isinstance(self.column_chunk_size, int) or self.column_chunk_size < 1
         ):

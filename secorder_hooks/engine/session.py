@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from secorder_hooks.quantities import Quantity
 from secorder_hooks.rules.base import LayerRule, rule_for
 from secorder_hooks.rules.generic import rule_parameters
 
-__all__ = ["Session"]
+__all__ = ["Session", "active_sessions", "isolated"]
 
 
 class Session:
@@ -74,10 +75,28 @@ class Session:
         self._handles: list[RemovableHandle] = []
         self._mode: EngineMode | None = EngineMode(self)
         self._in_backward = False
+        self.suspended = False  # while set (isolated()), nothing is recorded and the mode passes calls through
 
     # ----------------------------------------------------------------- lifetime
     def open(self) -> None:
-        """Register the hooks and push the torch-function mode."""
+        """Register the hooks and push the torch-function mode.
+
+        Raises:
+            ExtensionError: Another ``extend()`` context is active: a backward pass is
+                handled by the innermost context alone, so the outer one's quantities
+                would be silently dropped.
+        """
+        outer = active_sessions()
+        if outer:
+            other = outer[-1]
+            raise ExtensionError(
+                f"extend() on {type(self.model).__name__} was entered inside another active extend() context (on "
+                f"{type(other.model).__name__}, computing {', '.join(map(repr, other.quantities))}). Contexts do "
+                "not nest: a backward pass is handled by the innermost one only, so the outer one's quantities "
+                "would be silently dropped. Use one context with all quantities, extend(model, BatchGrad(), "
+                "DiagGGNExact(), ...); for several models in one backward pass, extend a module that holds "
+                "them all (e.g. nn.ModuleList([a, b]))."
+            )
         try:
             for module, name in self.module_names.items():
                 if isinstance(module, _BatchNorm):
@@ -121,7 +140,7 @@ class Session:
     def _record_call(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
             self._active[id(module)] -= 1
-            if torch.is_grad_enabled() and not self.records.paused:
+            if torch.is_grad_enabled() and not self.records.paused and not self.suspended:
                 # The engine's own tensor calls bypass its torch-function mode (about 20 us each otherwise).
                 with torch._C.DisableTorchFunction():
                     return self.records.record(module, name, args, kwargs, output)
@@ -130,11 +149,11 @@ class Session:
         return hook
 
     def _record_root(self, module: nn.Module, args: tuple, output: object) -> None:
-        if isinstance(output, Tensor) and output.requires_grad:
+        if isinstance(output, Tensor) and output.requires_grad and not self.suspended:
             self.root_outputs.append(output)
 
     def _check_batchnorm(self, module: nn.Module, args: tuple, output: object) -> None:
-        if module.training and torch.is_grad_enabled() and not self.records.paused:
+        if module.training and torch.is_grad_enabled() and not self.records.paused and not self.suspended:
             raise UnsupportedModuleError(
                 f"{type(module).__name__} '{self.module_names[module]}' is in training mode: it normalizes with "
                 "batch statistics, which mixes the examples, so per-example quantities are undefined. "
@@ -173,3 +192,29 @@ class Session:
         finally:
             self._in_backward = False
             self.records.capturing = False
+
+
+def active_sessions() -> list[Session]:
+    """The sessions of the active, not suspended ``extend()`` contexts, innermost last."""
+    return [
+        mode.session
+        for mode in torch.overrides._get_current_function_mode_stack()
+        if isinstance(mode, EngineMode) and not mode.session.suspended
+    ]
+
+
+@contextmanager
+def isolated() -> Iterator[None]:
+    """Suspend the active ``extend()`` contexts, so that a new one may run inside the block.
+
+    For the function API, which runs the engine on the user's behalf: the user's contexts
+    record nothing of its forward and backward passes, and resume afterwards.
+    """
+    sessions = active_sessions()
+    for session in sessions:
+        session.suspended = True
+    try:
+        yield
+    finally:
+        for session in sessions:
+            session.suspended = False
