@@ -36,6 +36,7 @@ def problem(request: pytest.FixtureRequest) -> Problem:
 
 def _engine_step(problem: Problem):
     def step() -> None:
+        problem.model.zero_grad()  # each step one batch (quantities accumulate like .grad)
         with extend(problem.model, DiagHessian()):
             problem.loss().backward()
 

@@ -156,6 +156,7 @@ def test_exception_inside_the_block_removes_every_trace(where: str) -> None:
     assert out_ref() is None, "the engine still holds the model output"
     # the model still works normally and a new context works
     case.loss_fn()(case.model(case.x), case.y).backward()
+    case.model.zero_grad()  # the plain backward's .grad: a new accumulation
     with extend(case.model, BatchGrad()):
         loss_of(case).backward()
 

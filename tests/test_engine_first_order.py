@@ -100,10 +100,30 @@ def test_repeated_backward_recomputes() -> None:
             assert_quantities(case, expected, ["grad_batch", "sum_grad_squared", "batch_l2", "variance"])
 
 
-def test_retain_graph_backward_twice_does_not_accumulate() -> None:
+def test_retain_graph_backward_twice_accumulates_like_grad() -> None:
+    """Two passes of one graph: the batch twice, as .grad holds it (rows repeated; the variance is unchanged)."""
     case = zoo.make("mlp_tanh", torch.float64)
     expected = expected_quantities(case, "mean")
+    twice = {
+        name: {
+            "grad_batch": torch.cat([want["grad_batch"]] * 2),
+            "sum_grad_squared": 2 * want["sum_grad_squared"],
+            "batch_l2": torch.cat([want["batch_l2"]] * 2),
+            "variance": want["variance"],
+        }
+        for name, want in expected.items()
+    }
     with extend(case.model, *ALL):
+        loss = case.loss_fn()(case.model(case.x), case.y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert_quantities(case, twice, ["grad_batch", "sum_grad_squared", "batch_l2", "variance"])
+
+
+def test_retain_graph_backward_twice_without_accumulation() -> None:
+    case = zoo.make("mlp_tanh", torch.float64)
+    expected = expected_quantities(case, "mean")
+    with extend(case.model, *ALL, accumulate=False):
         loss = case.loss_fn()(case.model(case.x), case.y)
         loss.backward(retain_graph=True)
         loss.backward()
