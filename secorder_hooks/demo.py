@@ -125,8 +125,7 @@ def run_problem(problem: Problem, quantities: Sequence[Quantity], repeats: int =
             results.append(QuantityResult(quantity, None, {}, f"{type(err).__name__}: {err}"))
             continue
         norms = {name: getattr(p, quantity.attribute).norm().item() for name, p in params.items()}
-        for p in params.values():
-            delattr(p, quantity.attribute)
+        secorder_hooks.clear_quantities(problem.model)
         results.append(QuantityResult(quantity, seconds, norms))
     return results
 
