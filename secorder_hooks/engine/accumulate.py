@@ -182,9 +182,9 @@ class Window:
             raise ExtensionError(
                 f"parameter '{name}': .grad holds a gradient that no backward pass inside extend() computed (a "
                 "backward pass outside the context, or .grad changed in place), so the accumulated quantities "
-                "could not match it. Call model.zero_grad() (or optimizer.zero_grad()) before the backward pass, "
-                "clear_quantities(model) and zero_grad() to start over, or pass extend(..., accumulate=False) to "
-                "compute the quantities of each backward pass alone."
+                "could not match it. Call model.zero_grad() (or optimizer.zero_grad()) before the backward pass "
+                "to start a new accumulation, or pass extend(..., accumulate=False) to compute the quantities of "
+                "each backward pass alone."
             )
         # A parameter left without .grad continues only if the others continue: .grad is None both after
         # a pass that did not reach it and after zero_grad().
