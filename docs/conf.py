@@ -12,6 +12,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # a local copy of MathJax 3: maths render without network
     "sphinx.ext.doctest",
     "sphinx.ext.viewcode",
 ]
@@ -25,7 +26,13 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-nitpicky = False
+# Every cross-reference must resolve (``-W`` makes a miss an error). Objects of other
+# packages are not linked (no network at build time, so no intersphinx inventories).
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(torch|nn|collections|enum|typing|tqdm)(\..*)?"),
+    (r"py:class", r"secorder_hooks\..*\.(R|L|_\w+)"),  # type variables and private helpers in signatures
+]
 exclude_patterns = ["_build"]
 templates_path: list[str] = []
 html_theme = "alabaster"

@@ -344,7 +344,7 @@ class GenericRule(LayerRule):
 
     Args:
         hessian_chunk_size: One-hot Hessian-vector products evaluated at once in
-            :meth:`own_hessian_term` (bounds its memory).
+            :meth:`~secorder_hooks.LayerRule.own_hessian_term` (bounds its memory).
         children: Names of child modules whose parameters the module uses functionally
             in its own forward without calling the child (``out_proj`` of
             :class:`torch.nn.MultiheadAttention`); the rule covers their parameters too.
