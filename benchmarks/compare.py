@@ -1,4 +1,4 @@
-"""Side-by-side comparison of our quantities with the installed peers (issue 5).
+"""Side-by-side comparison of our quantities with the installed peers.
 
 Usage::
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from ours import OurQuantity, plain_step
 from peers import Built, Method, NotRunError, Peer, Result, methods_for
 from problems import ALL, ProblemName, make_problem
-from report import Report, load, write_outputs
+from report import ERROR_CHARS, Report, load, write_outputs
 from timing import machine_description, reset_parameters, setup_torch, time_interleaved
 
 __all__ = ["Outcome", "agreement", "compare_problem", "main"]
@@ -81,7 +81,7 @@ def _error_text(error: Exception) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if isinstance(error, NotRunError):
         return text
-    return f"{type(error).__name__}: {text[:160]}"
+    return f"{type(error).__name__}: {text[:ERROR_CHARS]}"
 
 
 def compare_problem(name: ProblemName, methods: list[Method], reps: int, min_time: float) -> list[Outcome]:

@@ -121,7 +121,8 @@ def generalized_fisher_diagonal(
 
     Raises:
         NotImplementedError: Unknown ``loss_type``, or outputs/targets of shapes or dtypes
-            the likelihood does not support (:class:`~secorder_hooks.approximations._ggn.LossShapeError`, also a ``ValueError``).
+            the likelihood does not support
+            (:class:`~secorder_hooks.approximations._ggn.LossShapeError`, also a ``ValueError``).
         ValueError: ``outputs`` without a graph, an empty batch, ``mc_samples < 1``.
     """
     return generalized_fisher(
