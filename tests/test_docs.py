@@ -3,14 +3,13 @@
 Collected: ``.. code-block:: python`` (also ``code``/``sourcecode``, ``py``/``pycon``),
 ``.. testcode::`` and ``.. doctest::`` directives and bare ``>>>`` paragraphs of
 ``docs/**/*.rst``, and the fenced ``python``/``pycon`` blocks of ``README.md``. One test
-per block; the blocks of one page run in order in one namespace, so a later block may use
-what an earlier one defined. Blocks made of ``>>>`` lines are doctests: their printed
+per block, each in a fresh namespace: every example is self-contained, so a reader can copy
+any block alone and run it. Blocks made of ``>>>`` lines are doctests: their printed
 output is compared with the expected output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import doctest
 import re
 from dataclasses import dataclass
@@ -118,32 +117,9 @@ def run_block(block: Block, namespace: dict) -> None:
         exec(compile(block.code, name, "exec"), namespace)
 
 
-# Per page: the namespace and how many of its blocks ran in it (in this process).
-_PAGES: dict[str, tuple[dict, int]] = {}
-
-
-def _namespace_before(block: Block) -> dict:
-    """The page's namespace after all of its blocks before ``block`` ran, in order.
-
-    An earlier block that fails is not fatal here: it fails its own test, and a later
-    block fails only if it really depends on it.
-    """
-    page_blocks = [b for b in BLOCKS if b.page == block.page]
-    index = page_blocks.index(block)
-    namespace, done = _PAGES.get(block.page, ({}, 0))
-    if done > index:  # out of order (a rerun, or another worker ran the earlier blocks): start over
-        namespace, done = {}, 0
-    namespace.setdefault("__name__", "docs_example")
-    for earlier in page_blocks[done:index]:
-        with contextlib.suppress(Exception, pytest.fail.Exception):  # reported by its own test
-            run_block(earlier, namespace)
-    _PAGES[block.page] = (namespace, index + 1)
-    return namespace
-
-
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.page}:{b.line}" for b in BLOCKS])
 def test_example(block: Block) -> None:
-    run_block(block, _namespace_before(block))
+    run_block(block, {"__name__": "docs_example"})
 
 
 def test_examples_are_collected() -> None:
