@@ -16,6 +16,8 @@ not depend on ``--repeats``, ``--threads`` or on which problems and quantities a
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -126,10 +128,21 @@ def builtin_problems(batch_size: int = 64, names: Sequence[ProblemName] = tuple(
     return problems
 
 
-def _seconds(fn: Callable[[], None]) -> float:
+MIN_MEASUREMENT_SECONDS = 0.01
+"""A measurement repeats a fast pass back to back until it lasts this long (averages out preemption)."""
+
+
+def _seconds(fn: Callable[[], None], calls: int = 1) -> float:
+    """Mean wall time of ``calls`` back-to-back calls of ``fn()``."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def _calls_for(fn: Callable[[], None]) -> int:
+    """Calls of ``fn`` that last about :data:`MIN_MEASUREMENT_SECONDS`, from one (warm-up) call."""
+    return max(1, math.ceil(MIN_MEASUREMENT_SECONDS / max(_seconds(fn), 1e-9)))
 
 
 def _median_time(fn: Callable[[], None], repeats: int) -> float:
@@ -138,8 +151,8 @@ def _median_time(fn: Callable[[], None], repeats: int) -> float:
     The median, not the mean or the minimum: robust to the outliers of a busy machine
     in both directions.
     """
-    fn()
-    return statistics.median(_seconds(fn) for _ in range(repeats))
+    calls = _calls_for(fn)
+    return statistics.median(_seconds(fn, calls) for _ in range(repeats))
 
 
 def _median_ratio(fn: Callable[[], None], reference: Callable[[], None], repeats: int) -> tuple[float, float]:
@@ -147,9 +160,8 @@ def _median_ratio(fn: Callable[[], None], reference: Callable[[], None], repeats
 
     Timing each pass next to a reference pass cancels most of the drift of a shared machine's load.
     """
-    fn()
-    reference()
-    pairs = [(_seconds(fn), _seconds(reference)) for _ in range(repeats)]
+    calls, reference_calls = _calls_for(fn), _calls_for(reference)
+    pairs = [(_seconds(fn, calls), _seconds(reference, reference_calls)) for _ in range(repeats)]
     return statistics.median(t / t_ref for t, t_ref in pairs), statistics.median(t for t, _ in pairs)
 
 
@@ -270,10 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     quantities = [q for q in available_quantities() if type(q).__name__ in args.quantities]
     threads = _plural(torch.get_num_threads(), "thread")
     print(f"secorder_hooks {secorder_hooks.__version__}, torch {torch.__version__}, {threads}")
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores:
+        print(f"The machine is busy (load average {load:.1f} on {_plural(cores, 'core')}): the times will scatter.")
     print("Each cell: Frobenius norm of the quantity for that parameter (attribute p.<quantity>).")
     print(
         "time/T0: one backward pass computing the quantity (including .grad) / a plain forward+backward"
-        f" timed next to it, median of {_plural(args.repeats, 'pair')}.\n"
+        f" timed next to it, median of {_plural(args.repeats, 'pair')}"
+        f" (each at least {MIN_MEASUREMENT_SECONDS * 1e3:.0f} ms of passes).\n"
     )
     unavailable: dict[str, str] = {}
     for problem in builtin_problems(args.batch_size, [ProblemName(p) for p in args.problems]):

@@ -104,7 +104,7 @@ def test_cli_runs_the_chosen_problems_and_quantities(capsys: pytest.CaptureFixtu
     argv = ["--batch-size", "6", "--repeats", "1", "--threads", "2", "--problems", "cnn"]
     assert demo.main([*argv, "--quantities", "SumGradSquared", "DiagHessian"]) == 0
     out = capsys.readouterr().out
-    assert "2 threads" in out and "median of 1 pair." in out
+    assert "2 threads" in out and "median of 1 pair " in out
     assert "CNN" in out and "MLP" not in out
     first_cells = [line.split()[0] for line in out.splitlines() if line.strip()]
     assert "sum_grad_squared" in first_cells and "diag_h" in first_cells
@@ -152,3 +152,9 @@ def test_monte_carlo_values_are_seeded() -> None:
 
 def test_allocation_seconds_is_positive() -> None:
     assert demo.allocation_seconds(demo.builtin_problems(batch_size=4)[0], repeats=2) > 0
+
+
+def test_busy_machine_is_announced(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (99.0, 99.0, 99.0), raising=False)
+    demo.main(["--batch-size", "4", "--repeats", "1", "--problems", "mlp", "--quantities", "SumGradSquared"])
+    assert "The machine is busy (load average 99.0 on" in capsys.readouterr().out
