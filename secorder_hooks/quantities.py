@@ -52,9 +52,9 @@ class Accumulation(enum.Enum):
     """
 
     SUM = "sum"
-    """A sum over examples: the passes' values add up (``sum_grad_squared``, the diagonals)."""
+    """A sum over examples; the passes' values add up (``sum_grad_squared``, the diagonals)."""
     CONCATENATE = "concatenate"
-    """One row per example: the passes' values are concatenated along dim 0 (``grad_batch``)."""
+    """One row per example; the passes' values are concatenated along dim 0 (``grad_batch``)."""
     VARIANCE = "variance"
     """The variance over all examples of the passes, from their running sums (``variance``)."""
 
