@@ -21,8 +21,12 @@ from torch import Tensor
 
 from secorder_hooks.engine.accumulate import PassValues, Window
 from secorder_hooks.engine.assemble import Contributions, assemble_first_order, pass_examples
-from secorder_hooks.engine.graph import reached_parameters
-from secorder_hooks.errors import ExtensionError
+from secorder_hooks.engine.graph import iter_nodes, reached_parameters
+from secorder_hooks.engine.loss_term import select_loss_term
+from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
+from secorder_hooks.engine.residuals import internal_nodes
+from secorder_hooks.errors import ExtensionError, SecorderError
+from secorder_hooks.rules.generic import GenericRule
 from secorder_hooks.quantities import Order, Variance
 
 if TYPE_CHECKING:
@@ -57,6 +61,7 @@ def run_backward(
         torch.autograd.backward(loss, gradient, retain_graph, create_graph, inputs=inputs)
         return
 
+    check_batch_mixing(session, loss)
     second_order = [q for q in session.quantities if q.order is Order.SECOND]
     plan = CurvaturePlan.build(session, loss) if second_order else None
     window = Window.open(session)
@@ -141,6 +146,36 @@ def _quantities(
         session.records.paused = False
         if not retain_graph:
             session.reset_pass()
+
+
+def check_batch_mixing(session: Session, loss: Tensor) -> None:
+    """Raise if an operation between a parameter and the model output mixes the examples.
+
+    See :mod:`secorder_hooks.engine.mixing`; runs before the ordinary backward pass, so
+    nothing is computed or attached when it raises.
+
+    Raises:
+        UnsupportedOperationError: Naming the operation.
+    """
+    suspicious = suspicious_nodes(loss.grad_fn)
+    if not suspicious:
+        return
+    for rec in session.records:
+        if isinstance(session.rules.get(rec.module), GenericRule):
+            for node in internal_nodes(rec):
+                if node in suspicious:
+                    raise mixing_error(
+                        suspicious[node],
+                        f"inside module '{rec.name}' ({type(rec.module).__name__}), whose generic rule differentiates "
+                        "it one example at a time,",
+                    )
+    try:
+        term = select_loss_term(session, loss)
+    except SecorderError:  # no single model output: nothing the probe could start from
+        return
+    below = [node for node in iter_nodes(term.edge.node) if node in suspicious]
+    if below and mixes_examples(term.edge, term.shape, [rec for rec in session.records if rec.output_edges]):
+        raise mixing_error(suspicious[below[0]], "between the recorded layers and the model output")
 
 
 def _reached(params: dict[int, Tensor], before: dict[int, tuple[Tensor | None, int]]) -> list[int]:

@@ -172,6 +172,12 @@ class CurvaturePlan:
                 targets = [rec for rec in records_below(site.sources, records) if rec not in done]
                 columns = _one_hot(weights, chunk, product=False)
             elif site.kind is SiteKind.ROWWISE:
+                if site.examples is not None and site.examples != self.batch_size:
+                    raise UnsupportedOperationError(
+                        f"the exact Hessian needs the second-order term of {type(site.node).__name__}, an instance "
+                        f"normalization over {site.examples} examples, but the batch has {self.batch_size}. Keep "
+                        "examples on dim 0, or use DiagGGNExact."
+                    )
                 blocks, to_input = row_blocks(site.node, site.grad)
                 self._check_rows(site, blocks)
                 targets = records_below(site.sources, records)

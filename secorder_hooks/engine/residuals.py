@@ -30,11 +30,12 @@ from torch.autograd.graph import GradientEdge, Node
 
 from secorder_hooks.engine.curved_ops import AFFINE, ELEMENTWISE, ELEMENTWISE_PRODUCT, MULTILINEAR, node_name
 from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable
+from secorder_hooks.engine.mixing import BATCH_NORMS
 from secorder_hooks.engine.records import CallRecord
-from secorder_hooks.engine.rowwise import ROWWISE
+from secorder_hooks.engine.rowwise import ROWWISE, instance_rows
 from secorder_hooks.errors import UnsupportedOperationError
 
-__all__ = ["SiteKind", "CurvedSite", "find_sites", "params_below", "records_below"]
+__all__ = ["SiteKind", "CurvedSite", "find_sites", "internal_nodes", "params_below", "records_below"]
 
 
 class SiteKind(enum.Enum):
@@ -54,12 +55,15 @@ class CurvedSite:
         kind: Elementwise function or elementwise product.
         sources: Gradient edges of its input ``a`` (elementwise) or factors ``u, v``.
         grad: :math:`\partial L / \partial h` at its output, captured in the backward pass.
+        examples: For an instance normalization (batch norm over ``[1, N * C, ...]``), the
+            ``N`` its rows belong to; checked against the batch size.
     """
 
     node: Node
     kind: SiteKind
     sources: tuple[GradientEdge, ...]
     grad: Tensor | None = None
+    examples: int | None = None
 
     def capture(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
         """Node pre-hook storing the gradient at the operation's output."""
@@ -88,7 +92,7 @@ def params_below(root: Node, param_ids: set[int]) -> dict[Node, frozenset[int]]:
     return below
 
 
-def _internal_nodes(rec: CallRecord) -> set[Node]:
+def internal_nodes(rec: CallRecord) -> set[Node]:
     """Nodes created inside one module call: between its outputs and its inputs."""
     stop = {t.grad_fn for t in rec.inputs if isinstance(t, Tensor) and t.grad_fn is not None}
     inside: set[Node] = set()
@@ -120,7 +124,7 @@ def find_sites(
     below = params_below(root, param_ids)
     covered: dict[Node, frozenset[int]] = {}
     for rec, own in self_curved:
-        for node in _internal_nodes(rec):
+        for node in internal_nodes(rec):
             covered[node] = covered.get(node, frozenset()) | own
     sites = []
     for node in below:
@@ -132,10 +136,20 @@ def find_sites(
         if not any(params for _, params in inputs):
             continue
         edges = [GradientEdge(e[0], e[1]) for e, _ in inputs]
-        if name in ELEMENTWISE or name in ROWWISE:
+        batch_stats = name in BATCH_NORMS and bool(getattr(node, "_saved_training", False))
+        if name in ELEMENTWISE or (name in ROWWISE and (name not in BATCH_NORMS or batch_stats)):
             kind = SiteKind.ELEMENTWISE if name in ELEMENTWISE else SiteKind.ROWWISE
+            examples = None
+            if batch_stats:
+                examples = instance_rows(node)
+                if examples is None and inputs[0][1]:
+                    raise _unsupported(name, _first(inputs[0][1], describe), _BATCH_STATISTICS)
+            if kind is SiteKind.ROWWISE:
+                shared = inputs[0][1] & frozenset().union(*(p for _, p in inputs[1:]))
+                if shared:
+                    raise _unsupported(name, _first(shared, describe), "its input and its weight depend on it")
             if inputs[0][1]:
-                sites.append(CurvedSite(node, kind, (edges[0],)))
+                sites.append(CurvedSite(node, kind, (edges[0],), examples=examples))
         elif name in MULTILINEAR:
             for i, j in itertools.combinations(MULTILINEAR[name], 2):
                 shared = inputs[i][1] & inputs[j][1]
@@ -147,6 +161,12 @@ def find_sites(
             params = next(p for _, p in inputs if p)
             raise _unsupported(name, _first(params, describe), "its second derivative is not known to the engine")
     return sites
+
+
+_BATCH_STATISTICS = (
+    "it normalizes with statistics over several examples of the batch (batch statistics), which are not "
+    "per-example"
+)
 
 
 def _first(params: frozenset[int], describe: dict[int, str]) -> str:
