@@ -26,7 +26,7 @@ from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
 from secorder_hooks.engine.residuals import internal_nodes
 from secorder_hooks.errors import ExtensionError, SecorderError
-from secorder_hooks.rules.generic import GenericRule
+from secorder_hooks.rules.generic import GenericRule, example_count
 from secorder_hooks.quantities import Order, Variance
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ def run_backward(
         torch.autograd.backward(loss, gradient, retain_graph, create_graph, inputs=inputs)
         return
 
+    _check_examples(session)
     check_batch_mixing(session, loss)
     second_order = [q for q in session.quantities if q.order is Order.SECOND]
     plan = CurvaturePlan.build(session, loss) if second_order else None
@@ -148,6 +149,18 @@ def _quantities(
             session.reset_pass()
 
 
+def _check_examples(session: Session) -> None:
+    """Raise before any work if a recorded call had an empty batch (no examples to compute quantities of)."""
+    for rec in session.records:
+        if any(shape.numel() == 0 for shape in rec.output_shapes) and rec.output_shapes:
+            if example_count(rec.module, rec.inputs, rec.output_shapes) == 0:
+                raise ExtensionError(
+                    f"module '{rec.name}' ({type(rec.module).__name__}) was called with an empty batch (N = 0): there "
+                    "are no examples to compute per-example quantities or curvature of. Skip empty batches "
+                    "(e.g. `if len(x) == 0: continue`) before the forward pass."
+                )
+
+
 def check_batch_mixing(session: Session, loss: Tensor) -> None:
     """Raise if an operation between a parameter and the model output mixes the examples.
 
@@ -161,14 +174,19 @@ def check_batch_mixing(session: Session, loss: Tensor) -> None:
     if not suspicious:
         return
     for rec in session.records:
-        if isinstance(session.rules.get(rec.module), GenericRule):
-            for node in internal_nodes(rec):
-                if node in suspicious:
-                    raise mixing_error(
-                        suspicious[node],
-                        f"inside module '{rec.name}' ({type(rec.module).__name__}), whose generic rule differentiates "
-                        "it one example at a time,",
-                    )
+        rule = session.rules.get(rec.module)
+        inside = [node for node in internal_nodes(rec) if node in suspicious] if rule is not None else []
+        if not inside:
+            continue
+        check = getattr(rule, "check", None)
+        if callable(check):  # rules that know why their module mixes examples say so (BatchNorm in training mode)
+            check(rec.module)
+        if isinstance(rule, GenericRule):
+            raise mixing_error(
+                suspicious[inside[0]],
+                f"inside module '{rec.name}' ({type(rec.module).__name__}), whose generic rule differentiates it one "
+                "example at a time,",
+            )
     try:
         term = select_loss_term(session, loss)
     except SecorderError:  # no single model output: nothing the probe could start from

@@ -51,6 +51,36 @@ BATCH_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", 
 _FULL_REDUCTIONS = frozenset({"SumBackward0", "MeanBackward0", "ProdBackward0", "NormBackward0", "MaxBackward1"})
 """Reductions over every element (no ``dim`` saved)."""
 
+_ALONG_DIMS = frozenset(
+    {
+        "SumBackward1",
+        "MeanBackward1",
+        "ProdBackward1",
+        "NormBackward1",
+        "LinalgVectorNormBackward0",
+        "VarBackward0",
+        "StdBackward0",
+        "VarMeanBackward0",
+        "StdMeanBackward0",
+        "AmaxBackward0",
+        "AminBackward0",
+        "MaxBackward0",
+        "MinBackward0",
+        "MedianBackward1",
+        "LogsumexpBackward0",
+        "SoftmaxBackward0",
+        "LogSoftmaxBackward0",
+        "CumsumBackward0",
+        "CumprodBackward0",
+        "LogcumsumexpBackward0",
+        "CummaxBackward0",
+        "CumminBackward0",
+        "SortBackward0",
+        "TopkBackward0",
+    }
+)
+"""Statistics along saved ``dim`` s: they mix examples when the dims include dim 0."""
+
 LEAK_TOLERANCE = 1e-6
 """Relative size of a probe's products on the other examples above which examples count as mixed
 (they vanish exactly without mixing; with a batch statistic over ``N`` examples they are of order ``1/N``)."""
@@ -100,7 +130,7 @@ def describe(node: Node) -> str | None:
         return None
     if name in _FULL_REDUCTIONS:
         return f"{name} (a reduction over all elements, examples included)"
-    if hasattr(node, "_saved_dim") and _covers_dim0(node):
+    if name in _ALONG_DIMS and hasattr(node, "_saved_dim") and _covers_dim0(node):
         return f"{name} (an operation along dim 0, the examples: a batch statistic)"
     return None
 

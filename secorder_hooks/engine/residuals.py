@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from secorder_hooks.engine.curved_ops import AFFINE, ELEMENTWISE, ELEMENTWISE_PRODUCT, MULTILINEAR, node_name
+from secorder_hooks.engine.curved_ops import (
+    AFFINE,
+    ELEMENTWISE,
+    ELEMENTWISE_PRODUCT,
+    LINEAR_IN_FIRST,
+    MULTILINEAR,
+    node_name,
+)
 from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable
 from secorder_hooks.engine.mixing import BATCH_NORMS
 from secorder_hooks.engine.records import CallRecord
@@ -150,13 +157,20 @@ def find_sites(
                     raise _unsupported(name, _first(shared, describe), "its input and its weight depend on it")
             if inputs[0][1]:
                 sites.append(CurvedSite(node, kind, (edges[0],), examples=examples))
+        elif name in LINEAR_IN_FIRST and not any(params for _, params in inputs[1:]):
+            continue  # a / c with c free of parameters: linear in a
         elif name in MULTILINEAR:
             for i, j in itertools.combinations(MULTILINEAR[name], 2):
                 shared = inputs[i][1] & inputs[j][1]
                 if shared and name == ELEMENTWISE_PRODUCT:
                     sites.append(CurvedSite(node, SiteKind.PRODUCT, (edges[i], edges[j])))
                 elif shared:
-                    raise _unsupported(name, _first(shared, describe), "two factors of this product depend on it")
+                    raise _unsupported(
+                        name,
+                        _first(shared, describe),
+                        "two factors of this product depend on it (a module called twice in a chain, or weights "
+                        "tied between modules: the cross term between the two uses is not computed)",
+                    )
         else:
             params = next(p for _, p in inputs if p)
             raise _unsupported(name, _first(params, describe), "its second derivative is not known to the engine")

@@ -173,6 +173,31 @@ class Session:
                     self.misused.append((self.param_names[id(a)], result))
 
     # ----------------------------------------------------------------- backward
+    def autograd_backward(
+        self,
+        tensors: Tensor | Sequence[Tensor],
+        grad_tensors: Tensor | Sequence[Tensor | None] | None = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        grad_variables: Any = None,
+        inputs: Any = None,
+    ) -> None:
+        """Replacement of ``torch.autograd.backward`` while the context is active: as ``tensors.backward()``.
+
+        Raises:
+            ExtensionError: Several tensors: the engine computes the quantities of one loss.
+        """
+        tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+        if grad_variables is not None:
+            grad_tensors = grad_variables
+        grads = (grad_tensors,) if grad_tensors is None or isinstance(grad_tensors, Tensor) else tuple(grad_tensors)
+        if len(tensors) != 1 or len(grads) != 1:
+            raise ExtensionError(
+                f"torch.autograd.backward() inside extend() got {len(tensors)} tensors; the engine computes the "
+                "quantities of one loss. Add the losses into one tensor and call loss.backward()."
+            )
+        self.backward(tensors[0], grads[0], retain_graph, create_graph, inputs)
+
     def backward(
         self,
         tensor: Tensor,
