@@ -26,8 +26,8 @@ from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
 from secorder_hooks.engine.residuals import internal_nodes
 from secorder_hooks.errors import ExtensionError, SecorderError
-from secorder_hooks.rules.generic import GenericRule, example_count
 from secorder_hooks.quantities import Order, Variance
+from secorder_hooks.rules.generic import GenericRule, example_count
 
 if TYPE_CHECKING:
     from secorder_hooks.engine.curvature import CurvaturePlan
@@ -152,13 +152,13 @@ def _quantities(
 def _check_examples(session: Session) -> None:
     """Raise before any work if a recorded call had an empty batch (no examples to compute quantities of)."""
     for rec in session.records:
-        if any(shape.numel() == 0 for shape in rec.output_shapes) and rec.output_shapes:
-            if example_count(rec.module, rec.inputs, rec.output_shapes) == 0:
-                raise ExtensionError(
-                    f"module '{rec.name}' ({type(rec.module).__name__}) was called with an empty batch (N = 0): there "
-                    "are no examples to compute per-example quantities or curvature of. Skip empty batches "
-                    "(e.g. `if len(x) == 0: continue`) before the forward pass."
-                )
+        empty = any(shape.numel() == 0 for shape in rec.output_shapes)
+        if empty and example_count(rec.module, rec.inputs, rec.output_shapes) == 0:
+            raise ExtensionError(
+                f"module '{rec.name}' ({type(rec.module).__name__}) was called with an empty batch (N = 0): there "
+                "are no examples to compute per-example quantities or curvature of. Skip empty batches "
+                "(e.g. `if len(x) == 0: continue`) before the forward pass."
+            )
 
 
 def check_batch_mixing(session: Session, loss: Tensor) -> None:

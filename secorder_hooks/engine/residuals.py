@@ -178,8 +178,7 @@ def find_sites(
 
 
 _BATCH_STATISTICS = (
-    "it normalizes with statistics over several examples of the batch (batch statistics), which are not "
-    "per-example"
+    "it normalizes with statistics over several examples of the batch (batch statistics), which are not per-example"
 )
 
 

@@ -115,7 +115,9 @@ def instance_rows(node: Node) -> int | None:
     """
     a = node._saved_input
     source = node.next_functions[0][0]
-    if a.dim() < 2 or a.shape[0] != 1 or source is None or node_name(source) not in ("ViewBackward0", "UnsafeViewBackward0"):
+    if a.dim() < 2 or a.shape[0] != 1 or source is None:
+        return None
+    if node_name(source) not in ("ViewBackward0", "UnsafeViewBackward0"):
         return None
     sizes = tuple(int(s) for s in getattr(source, "_saved_self_sym_sizes", ()))
     if len(sizes) != a.dim() or sizes[2:] != tuple(a.shape[2:]) or sizes[0] * sizes[1] != a.shape[1]:
