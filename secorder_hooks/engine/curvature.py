@@ -32,6 +32,7 @@ from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
 from secorder_hooks.engine.graph import only_input
 from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
+from secorder_hooks.engine.mixing import mixes_examples
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
 from secorder_hooks.engine.rowwise import block_columns, row_blocks
@@ -181,6 +182,8 @@ class CurvaturePlan:
                 blocks, to_input = row_blocks(site.node, site.grad)
                 self._check_rows(site, blocks)
                 targets = records_below(site.sources, records)
+                if site.examples is not None:
+                    self._check_instance_rows(site, targets)
                 columns = (((to_input(cols),), w) for cols, w in block_columns(blocks, self.batch_size, chunk))
             else:
                 self._check_products(site)
@@ -251,6 +254,18 @@ class CurvaturePlan:
                 f"the exact Hessian needs the second-order term of {type(site.node).__name__} over "
                 f"{blocks.shape[0]} rows, which cannot be split among the {self.batch_size} examples (does it "
                 "normalize over the batch?). Use DiagGGNExact."
+            )
+
+    @staticmethod
+    def _check_instance_rows(site: CurvedSite, targets: list[CallRecord]) -> None:
+        """Raise unless row ``n * C + c`` of an instance normalization depends on example ``n`` only."""
+        a = site.node._saved_input
+        layout = (site.examples, a.shape[1] // site.examples, *a.shape[2:])
+        if mixes_examples(site.sources[0], a.shape, targets, layout):
+            raise UnsupportedOperationError(
+                f"the exact Hessian needs the second-order term of {type(site.node).__name__}, a normalization with "
+                "statistics over rows that do not each belong to one example (batch statistics, or a layout other "
+                "than F.instance_norm's). Use DiagGGNExact, or secorder_hooks.hessian_diagonal outside extend()."
             )
 
     @staticmethod

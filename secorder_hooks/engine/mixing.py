@@ -153,19 +153,24 @@ def suspicious_nodes(root: Node | None, stop: Node | None = None) -> dict[Node, 
     return found
 
 
-def mixes_examples(edge: GradientEdge, shape: torch.Size, records: Sequence[CallRecord]) -> bool:
+def mixes_examples(
+    edge: GradientEdge, shape: torch.Size, records: Sequence[CallRecord], layout: Sequence[int] | None = None
+) -> bool:
     """Whether the tensor at ``edge`` (examples on dim 0) depends across examples on the records' outputs.
 
     Args:
-        edge: Gradient edge of the model output ``f``.
-        shape: ``f.shape``; ``rows_per_example`` rows of it belong to one example.
+        edge: Gradient edge of the probed tensor, e.g. the model output ``f``.
+        shape: Its shape; ``rows_per_example`` rows of it belong to one example.
         records: Calls whose outputs are probed (example axis from their batch layout).
+        layout: A shape of the same size whose dim 0 holds the examples, if ``shape``'s does not
+            (``[N, C, *rest]`` for instance norm's ``[1, N * C, *rest]``).
     """
     targets = [(rec, i) for rec in records for i in range(len(rec.output_edges))]
     if not targets:
         return False
-    t = rows_per_example(edge, shape)
-    n = shape[0] // t
+    probed = torch.Size(layout) if layout is not None else shape
+    t = 1 if layout is not None else rows_per_example(edge, shape)
+    n = probed[0] // t
     if n < 2:
         return False
     bits = max(1, math.ceil(math.log2(n)))
@@ -173,9 +178,10 @@ def mixes_examples(edge: GradientEdge, shape: torch.Size, records: Sequence[Call
     inside = torch.stack([((examples >> b) & 1) == side for b in range(bits) for side in (0, 1)])  # [2B, N]
     dtype, device = records[0].output_kinds[0]
     generator = torch.Generator().manual_seed(0)
-    values = torch.randn(len(inside), *shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-    mask = inside.repeat_interleave(t, dim=1).to(device).reshape(len(inside), shape[0], *([1] * (len(shape) - 1)))
-    grads = batched_grad([edge], [rec.output_edges[i] for rec, i in targets], [values * mask])
+    values = torch.randn(len(inside), *probed, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+    mask = inside.repeat_interleave(t, dim=1).to(device).reshape(len(inside), probed[0], *([1] * (len(probed) - 1)))
+    columns = (values * mask).reshape(len(inside), *shape)
+    grads = batched_grad([edge], [rec.output_edges[i] for rec, i in targets], [columns])
     for (rec, i), g in zip(targets, grads):
         if g is None:
             continue
