@@ -82,7 +82,7 @@ def test_weight_used_twice_in_a_chain(case: str) -> None:
         model, x, y = called_twice(), torch.randn(N, 4, dtype=DT), torch.randint(0, 3, (N,))
     else:
         model, x, y = Tied().to(DT), torch.randint(0, 7, (N,)), torch.randint(0, 7, (N,))
-    with pytest.raises(UnsupportedOperationError, match="called twice.*tied"), extend(model, DiagHessian()):
+    with pytest.raises(UnsupportedOperationError, match=r"called twice.*tied"), extend(model, DiagHessian()):
         F.cross_entropy(model(x), y).backward()
     with extend(model, DiagGGNExact()):
         F.cross_entropy(model(x), y).backward()
