@@ -221,4 +221,4 @@ def _flag(fired: list[str], name: str):
 
 
 def _misuse_nodes(session: Session):
-    return [(name, result.grad_fn) for name, result in session.misused if result.grad_fn is not None]
+    return [(m.name, m.node) for m in session.misused]

@@ -45,8 +45,8 @@ class EngineMode(TorchFunctionMode):
             return self.session.autograd_backward(*args, **kwargs)
         result = func(*args, **kwargs)  # the operation itself: its errors reach the caller unchanged
         if func in LOSS_FUNCTIONS:
-            if isinstance(result, Tensor) and result.requires_grad:  # not under no_grad(): no backward can follow
-                self.session.loss_calls.append(make_loss_call(func, args, kwargs, result))
+            if isinstance(result, Tensor) and result.grad_fn is not None:  # not under no_grad(): no backward follows
+                self.session.add_loss_call(make_loss_call(func, args, kwargs, result))
         elif torch.is_grad_enabled():
             # composite functions may return several tensors (e.g. F.multi_head_attention_forward)
             for out in result if isinstance(result, (tuple, list)) else (result,):
