@@ -90,3 +90,29 @@ def test_weight_used_twice_in_a_chain(case: str) -> None:
     expected = reference.ggn_diagonal(model, F.cross_entropy, x, y)
     for k, value in got.items():
         torch.testing.assert_close(value, expected[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_weight_used_in_parallel_branches(reduction: str) -> None:
+    """A module called on two inputs that do not depend on it: no cross term, exact (docs/limits.rst)."""
+
+    class Parallel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared, self.out = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.shared(x)) * torch.sigmoid(self.shared(x.flip(1))))
+
+    model = Parallel().to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, 3, (N,))
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y, reduction=reduction)
+
+    with extend(model, DiagHessian()):
+        loss_fn(model(x), y).backward()
+    got = {k: p.diag_h for k, p in model.named_parameters()}
+    expected = reference.hessian_diagonal(model, loss_fn, x, y)
+    for k, value in got.items():
+        torch.testing.assert_close(value, expected[k], rtol=1e-10, atol=1e-12)
