@@ -185,6 +185,9 @@ class CurvaturePlan:
                 if site.examples is not None:
                     self._check_instance_rows(site, targets)
                 columns = (((to_input(cols),), w) for cols, w in block_columns(blocks, self.batch_size, chunk))
+            elif site.kind is SiteKind.REUSED_WEIGHT:
+                self._reused_weight(site, contributions, records, into)
+                continue
             else:
                 self._check_products(site)
                 self._check_examples(site, site.grad)
@@ -192,6 +195,41 @@ class CurvaturePlan:
                 columns = _one_hot(site.grad, chunk, product=True)
             if targets:
                 column_pass(contributions, site.sources, columns, targets, into)
+
+    def _reused_weight(
+        self, site: CurvedSite, contributions: Contributions, records: list[CallRecord], into: Diagonals
+    ) -> None:
+        r"""Cross term of :math:`h = \alpha\, a W^\top` whose activation ``a`` ``[N, I]`` depends on ``W`` too.
+
+        :math:`\partial^2 (r^\top h) / \partial W_{pq}^2` has the cross term
+        :math:`2 \alpha \sum_n r_{np}\, \partial a_{nq} / \partial W_{pq}` (for ``h = a W``,
+        :math:`2 \alpha \sum_n r_{nq}\, \partial a_{np} / \partial W_{pq}`); the other terms are
+        the sites below ``a``. One one-hot column per input coordinate ``q`` is
+        backpropagated from ``a``; the per-example gradient of ``W`` of column ``q``, summed
+        over all uses of ``W``, gives :math:`\partial a_{nq} / \partial W` (exact through any graph).
+        """
+        use = site.weight
+        assert use is not None
+        parts = contributions.by_param.get(use.param)
+        targets = [rec for rec in records_below(site.sources, records) if any(rec is r for r, _ in parts or ())]
+        if not parts or not targets:
+            return
+        r = site.grad  # [N, O]
+        self._check_examples(site, r)
+        n, k = r.shape[0], _factor(site.node).shape[1]
+        eye = torch.eye(k, dtype=r.dtype, device=r.device)
+        columns = eye[:, None, :].expand(k, n, k)  # [K(q), N, K]
+        block = backprop_columns(site.sources, [columns], targets)
+
+        def grad_outputs(rec: CallRecord) -> Tensor | tuple[Tensor, ...]:
+            outs = block.get(id(rec)) or tuple(rec.zeros_like_output(i, (k,)) for i in range(len(rec.output_edges)))
+            return outs[0] if len(outs) == 1 else outs
+
+        g = ColumnResults(contributions, grad_outputs).per_example_grads(parts)  # [K(q), N, *W]
+        # W [O, K]: d a_nq / d W_pq weighted by r_np; W [K, O]: d a_np / d W_pq weighted by r_nq
+        pattern = "qnpq,np->npq" if use.transposed else "pnpq,nq->npq"
+        term = 2 * use.alpha * torch.einsum(pattern, g, r)
+        into.add(use.param, term if into.per_example else term.sum(0))
 
     def _closed_forms(
         self, site: CurvedSite, weights: Tensor, contributions: Contributions, into: Diagonals
@@ -388,6 +426,11 @@ def _active_session() -> Session | None:
 
     sessions = active_sessions()
     return sessions[-1] if sessions else None
+
+
+def _factor(node) -> Tensor:
+    """The activation factor ``a`` saved by a matrix-product node (``addmm``'s ``mat1``, ``mm``'s ``self``)."""
+    return node._saved_mat1 if node_name(node) == "AddmmBackward0" else node._saved_self
 
 
 def _records(contributions: Contributions) -> list[CallRecord]:

@@ -36,13 +36,13 @@ from secorder_hooks.engine.curved_ops import (
     MULTILINEAR,
     node_name,
 )
-from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable
+from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable, only_input
 from secorder_hooks.engine.mixing import BATCH_NORMS
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.rowwise import ROWWISE, instance_rows
 from secorder_hooks.errors import UnsupportedOperationError
 
-__all__ = ["SiteKind", "CurvedSite", "find_sites", "internal_nodes", "params_below", "records_below"]
+__all__ = ["SiteKind", "CurvedSite", "WeightUse", "find_sites", "internal_nodes", "params_below", "records_below"]
 
 
 class SiteKind(enum.Enum):
@@ -51,6 +51,46 @@ class SiteKind(enum.Enum):
     ELEMENTWISE = "elementwise"
     PRODUCT = "product"
     ROWWISE = "rowwise"
+    REUSED_WEIGHT = "reused_weight"
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    r"""A weight entering a matrix product :math:`h = \alpha\, a\, B` directly, ``B = W^T`` or ``W``.
+
+    Attributes:
+        param: Id of the parameter ``W``.
+        transposed: ``B = W^T`` (``F.linear``), else ``B = W``.
+        alpha: The product's scale (``addmm``'s ``alpha``).
+    """
+
+    param: int
+    transposed: bool
+    alpha: float = 1.0
+
+
+_MATRIX_PRODUCTS = {"AddmmBackward0": (1, 2), "MmBackward0": (0, 1)}
+"""Matrix products whose cross term between a reused weight and its activation is computed: (a, B) positions."""
+
+
+def _weight_use(node: Node, edges: list[GradientEdge]) -> WeightUse | None:
+    """How a parameter enters the second factor of a 2-D matrix product directly, if it does."""
+    positions = _MATRIX_PRODUCTS.get(node_name(node))
+    if positions is None:
+        return None
+    first, second = positions
+    a = node._saved_mat1 if node_name(node) == "AddmmBackward0" else node._saved_self
+    if a is None or a.dim() != 2 or edges[first].node is None or edges[second].node is None:
+        return None
+    factor = edges[second].node
+    transposed = node_name(factor) == "TBackward0"
+    if transposed:
+        inner = only_input(factor)
+        factor = factor.next_functions[inner][0] if inner is not None else None
+    var = leaf_variable(factor) if factor is not None else None
+    if var is None or leaf_variable(edges[first].node) is not None:
+        return None
+    return WeightUse(id(var), transposed, float(getattr(node, "_saved_alpha", 1.0)))
 
 
 @dataclass(eq=False)
@@ -64,6 +104,8 @@ class CurvedSite:
         grad: :math:`\partial L / \partial h` at its output, captured in the backward pass.
         examples: For an instance normalization (batch norm over ``[1, N * C, ...]``), the
             ``N`` its rows belong to; checked against the batch size.
+        weight: For a matrix product of an activation and a weight the activation depends
+            on too (a module called twice in a chain, tied weights): how the weight enters.
     """
 
     node: Node
@@ -71,6 +113,7 @@ class CurvedSite:
     sources: tuple[GradientEdge, ...]
     grad: Tensor | None = None
     examples: int | None = None
+    weight: WeightUse | None = None
 
     def capture(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
         """Node pre-hook storing the gradient at the operation's output."""
@@ -162,14 +205,17 @@ def find_sites(
         elif name in MULTILINEAR:
             for i, j in itertools.combinations(MULTILINEAR[name], 2):
                 shared = inputs[i][1] & inputs[j][1]
+                use = _weight_use(node, edges) if shared else None
                 if shared and name == ELEMENTWISE_PRODUCT:
                     sites.append(CurvedSite(node, SiteKind.PRODUCT, (edges[i], edges[j])))
+                elif use is not None and shared == {use.param}:
+                    sites.append(CurvedSite(node, SiteKind.REUSED_WEIGHT, (edges[i],), weight=use))
                 elif shared:
                     raise _unsupported(
                         name,
                         _first(shared, describe),
-                        "two factors of this product depend on it (a module called twice in a chain, or weights "
-                        "tied between modules: the cross term between the two uses is not computed)",
+                        "two factors of this product depend on it (the cross term between two uses of a weight is "
+                        "computed only for 2-D inputs of F.linear / mm with the weight itself as second factor)",
                     )
         else:
             params = next(p for _, p in inputs if p)

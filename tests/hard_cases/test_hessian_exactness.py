@@ -1,4 +1,4 @@
-"""DiagHessian through scalings by constants; the documented limits (a weight used twice in a chain)."""
+"""DiagHessian through scalings by constants and with a weight used twice in a chain (float64, torch.func)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secorder_hooks import DiagGGNExact, DiagHessian, UnsupportedOperationError, extend
+from secorder_hooks import BatchDiagHessian, DiagGGNExact, DiagHessian, UnsupportedOperationError, extend
 from tests import reference
 
 DT = torch.float64
@@ -60,9 +60,9 @@ def test_division_by_a_learned_tensor_still_raises() -> None:
         F.cross_entropy(model(x), y).backward()
 
 
-def called_twice() -> nn.Module:
-    shared = nn.Linear(4, 4)
-    return nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(4, 3)).to(DT)
+def called_twice(bias: bool = True) -> nn.Module:
+    shared = nn.Linear(4, 4, bias=bias)
+    return nn.Sequential(shared, nn.Tanh(), shared, nn.Sigmoid(), shared, nn.Tanh(), nn.Linear(4, 3)).to(DT)
 
 
 class Tied(nn.Module):
@@ -75,21 +75,68 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.embed(t)))
 
 
-@pytest.mark.parametrize("case", ["called_twice", "tied"])
-def test_weight_used_twice_in_a_chain(case: str) -> None:
-    """Documented limit (docs/limits.rst): DiagHessian raises, naming the product and the reason; GGN is exact."""
-    if case == "called_twice":
-        model, x, y = called_twice(), torch.randn(N, 4, dtype=DT), torch.randint(0, 3, (N,))
-    else:
-        model, x, y = Tied().to(DT), torch.randint(0, 7, (N,)), torch.randint(0, 7, (N,))
-    with pytest.raises(UnsupportedOperationError, match=r"called twice.*tied"), extend(model, DiagHessian()):
+class HandwrittenReuse(nn.Module):
+    """``h = a @ W`` (not transposed) with ``a`` depending on ``W``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4) / 2)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(torch.tanh(x @ self.w) @ self.w))
+
+
+REUSES = {
+    "called_twice": lambda: (called_twice(), torch.randn(N, 4, dtype=DT), torch.randint(0, 3, (N,))),
+    "called_twice_no_bias": lambda: (called_twice(False), torch.randn(N, 4, dtype=DT), torch.randint(0, 3, (N,))),
+    "tied": lambda: (Tied().to(DT), torch.randint(0, 7, (N,)), torch.randint(0, 7, (N,))),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(REUSES))
+def test_weight_used_twice_in_a_chain(case: str, reduction: str) -> None:
+    """A module called thrice in a chain, weights tied between Embedding and output Linear: exact Hessian.
+
+    Raised "two factors of this product depend on it" before; the cross term of the matrix
+    product between the two uses of the weight is now computed.
+    """
+    model, x, y = REUSES[case]()
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y, reduction=reduction)
+
+    with extend(model, DiagHessian(), BatchDiagHessian(), DiagGGNExact()):
+        loss_fn(model(x), y).backward()
+    # read before functional_call in the references rebinds shared weights
+    got = {k: (p.diag_h, p.diag_h_batch, p.diag_ggn_exact) for k, p in model.named_parameters()}
+    hess = reference.hessian_diagonal(model, loss_fn, x, y)
+    per_example = reference.per_example_hessian_diagonal(model, loss_fn, x, y)
+    ggn = reference.ggn_diagonal(model, loss_fn, x, y)
+    for k, (h, h_batch, g) in got.items():
+        torch.testing.assert_close(h, hess[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(h_batch, per_example[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g, ggn[k], rtol=1e-10, atol=1e-12)
+
+
+def test_reused_weight_without_transpose() -> None:
+    model = HandwrittenReuse().to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, 3, (N,))
+    with extend(model, DiagHessian()):
         F.cross_entropy(model(x), y).backward()
-    with extend(model, DiagGGNExact()):
-        F.cross_entropy(model(x), y).backward()
-    got = {k: p.diag_ggn_exact for k, p in model.named_parameters()}  # before functional_call rebinds tied weights
-    expected = reference.ggn_diagonal(model, F.cross_entropy, x, y)
+    got = {k: p.diag_h for k, p in model.named_parameters()}
+    expected = reference.hessian_diagonal(model, F.cross_entropy, x, y)
     for k, value in got.items():
         torch.testing.assert_close(value, expected[k], rtol=1e-10, atol=1e-12)
+
+
+def test_reused_weight_on_sequence_inputs_raises() -> None:
+    """Documented limit: positions fold into the rows of the product, which are then not the examples."""
+    model = called_twice()
+    x, y = torch.randn(N, 2, 4, dtype=DT), torch.randint(0, 3, (N, 2))
+    with pytest.raises(UnsupportedOperationError, match="dim 0 is not the"), extend(model, DiagHessian()):
+        F.cross_entropy(model(x).transpose(1, 2), y).backward()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
