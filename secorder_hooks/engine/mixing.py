@@ -36,7 +36,6 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from secorder_hooks.engine.curved_ops import node_name
-from secorder_hooks.engine.graph import iter_nodes
 from secorder_hooks.engine.loss_term import rows_per_example
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
@@ -80,6 +79,8 @@ _ALONG_DIMS = frozenset(
     }
 )
 """Statistics along saved ``dim`` s: they mix examples when the dims include dim 0."""
+
+_CANDIDATES = BATCH_NORMS | _FULL_REDUCTIONS | _ALONG_DIMS
 
 LEAK_TOLERANCE = 1e-6
 """Relative size of a probe's products on the other examples above which examples count as mixed
@@ -144,12 +145,19 @@ def suspicious_nodes(root: Node | None, stop: Node | None = None) -> dict[Node, 
             walk starts above it), though the walk continues below it.
     """
     found: dict[Node, str] = {}
-    for node in iter_nodes(root):
-        if node is stop:
-            continue
-        why = describe(node)
-        if why is not None:
-            found[node] = why
+    if root is None:
+        return found
+    seen, stack = {root}, [root]
+    while stack:  # iter_nodes written out: this walk runs in every backward pass
+        node = stack.pop()
+        if node is not stop and type(node).__name__ in _CANDIDATES:  # the common case: one set lookup
+            why = describe(node)
+            if why is not None:
+                found[node] = why
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
     return found
 
 
