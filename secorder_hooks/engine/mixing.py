@@ -126,7 +126,8 @@ def describe(node: Node) -> str | None:
     """Why ``node`` may mix the examples of a batch, or ``None`` if it cannot."""
     name = node_name(node)
     if name in BATCH_NORMS:
-        if getattr(node, "_saved_training", False) and _batch_dim(node) > 1:
+        # a backend node that does not save the flag (cuDNN, MIOpen) is probed whenever its batch has rows
+        if getattr(node, "_saved_training", name != "NativeBatchNormBackward0") and _batch_dim(node) > 1:
             return f"{name} (batch normalization with batch statistics, e.g. F.batch_norm(..., training=True))"
         return None
     if name in _FULL_REDUCTIONS:
