@@ -21,9 +21,13 @@ from torch import Tensor
 
 from secorder_hooks.engine.accumulate import PassValues, Window
 from secorder_hooks.engine.assemble import Contributions, assemble_first_order, pass_examples
-from secorder_hooks.engine.graph import reached_parameters
-from secorder_hooks.errors import ExtensionError
+from secorder_hooks.engine.graph import iter_nodes, reached_parameters
+from secorder_hooks.engine.loss_term import select_loss_term
+from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
+from secorder_hooks.engine.residuals import internal_nodes
+from secorder_hooks.errors import ExtensionError, SecorderError
 from secorder_hooks.quantities import Order, Variance
+from secorder_hooks.rules.generic import GenericRule, example_count
 
 if TYPE_CHECKING:
     from secorder_hooks.engine.curvature import CurvaturePlan
@@ -57,6 +61,8 @@ def run_backward(
         torch.autograd.backward(loss, gradient, retain_graph, create_graph, inputs=inputs)
         return
 
+    _check_examples(session)
+    check_batch_mixing(session, loss)
     second_order = [q for q in session.quantities if q.order is Order.SECOND]
     plan = CurvaturePlan.build(session, loss) if second_order else None
     window = Window.open(session)
@@ -143,6 +149,53 @@ def _quantities(
             session.reset_pass()
 
 
+def _check_examples(session: Session) -> None:
+    """Raise before any work if a recorded call had an empty batch (no examples to compute quantities of)."""
+    for rec in session.records:
+        empty = any(shape.numel() == 0 for shape in rec.output_shapes)
+        if empty and example_count(rec.module, rec.inputs, rec.output_shapes) == 0:
+            raise ExtensionError(
+                f"module '{rec.name}' ({type(rec.module).__name__}) was called with an empty batch (N = 0): there "
+                "are no examples to compute per-example quantities or curvature of. Skip empty batches "
+                "(e.g. `if len(x) == 0: continue`) before the forward pass."
+            )
+
+
+def check_batch_mixing(session: Session, loss: Tensor) -> None:
+    """Raise if an operation between a parameter and the model output mixes the examples.
+
+    See :mod:`secorder_hooks.engine.mixing`; runs before the ordinary backward pass, so
+    nothing is computed or attached when it raises.
+
+    Raises:
+        UnsupportedOperationError: Naming the operation.
+    """
+    suspicious = suspicious_nodes(loss.grad_fn)
+    if not suspicious:
+        return
+    for rec in session.records:
+        rule = session.rules.get(rec.module)
+        inside = [node for node in internal_nodes(rec) if node in suspicious] if rule is not None else []
+        if not inside:
+            continue
+        check = getattr(rule, "check", None)
+        if callable(check):  # rules that know why their module mixes examples say so (BatchNorm in training mode)
+            check(rec.module)
+        if isinstance(rule, GenericRule):
+            raise mixing_error(
+                suspicious[inside[0]],
+                f"inside module '{rec.name}' ({type(rec.module).__name__}), whose generic rule differentiates it one "
+                "example at a time,",
+            )
+    try:
+        term = select_loss_term(session, loss)
+    except SecorderError:  # no single model output: nothing the probe could start from
+        return
+    below = [node for node in iter_nodes(term.edge.node) if node in suspicious]
+    if below and mixes_examples(term.edge, term.shape, [rec for rec in session.records if rec.output_edges]):
+        raise mixing_error(suspicious[below[0]], "between the recorded layers and the model output")
+
+
 def _reached(params: dict[int, Tensor], before: dict[int, tuple[Tensor | None, int]]) -> list[int]:
     """The parameters whose ``.grad`` the backward pass set or accumulated into."""
     reached = []
@@ -168,4 +221,4 @@ def _flag(fired: list[str], name: str):
 
 
 def _misuse_nodes(session: Session):
-    return [(name, result.grad_fn) for name, result in session.misused if result.grad_fn is not None]
+    return [(m.name, m.node) for m in session.misused]

@@ -32,6 +32,7 @@ from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
 from secorder_hooks.engine.graph import only_input
 from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
+from secorder_hooks.engine.mixing import mixes_examples
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
 from secorder_hooks.engine.rowwise import block_columns, row_blocks
@@ -172,10 +173,21 @@ class CurvaturePlan:
                 targets = [rec for rec in records_below(site.sources, records) if rec not in done]
                 columns = _one_hot(weights, chunk, product=False)
             elif site.kind is SiteKind.ROWWISE:
+                if site.examples is not None and site.examples != self.batch_size:
+                    raise UnsupportedOperationError(
+                        f"the exact Hessian needs the second-order term of {type(site.node).__name__}, an instance "
+                        f"normalization over {site.examples} examples, but the batch has {self.batch_size}. Keep "
+                        "examples on dim 0, or use DiagGGNExact."
+                    )
                 blocks, to_input = row_blocks(site.node, site.grad)
                 self._check_rows(site, blocks)
                 targets = records_below(site.sources, records)
+                if site.examples is not None:
+                    self._check_instance_rows(site, targets)
                 columns = (((to_input(cols),), w) for cols, w in block_columns(blocks, self.batch_size, chunk))
+            elif site.kind is SiteKind.REUSED_WEIGHT:
+                self._reused_weight(site, contributions, records, into)
+                continue
             else:
                 self._check_products(site)
                 self._check_examples(site, site.grad)
@@ -183,6 +195,41 @@ class CurvaturePlan:
                 columns = _one_hot(site.grad, chunk, product=True)
             if targets:
                 column_pass(contributions, site.sources, columns, targets, into)
+
+    def _reused_weight(
+        self, site: CurvedSite, contributions: Contributions, records: list[CallRecord], into: Diagonals
+    ) -> None:
+        r"""Cross term of :math:`h = \alpha\, a W^\top` whose activation ``a`` ``[N, I]`` depends on ``W`` too.
+
+        :math:`\partial^2 (r^\top h) / \partial W_{pq}^2` has the cross term
+        :math:`2 \alpha \sum_n r_{np}\, \partial a_{nq} / \partial W_{pq}` (for ``h = a W``,
+        :math:`2 \alpha \sum_n r_{nq}\, \partial a_{np} / \partial W_{pq}`); the other terms are
+        the sites below ``a``. One one-hot column per input coordinate ``q`` is
+        backpropagated from ``a``; the per-example gradient of ``W`` of column ``q``, summed
+        over all uses of ``W``, gives :math:`\partial a_{nq} / \partial W` (exact through any graph).
+        """
+        use = site.weight
+        assert use is not None
+        parts = contributions.by_param.get(use.param)
+        targets = [rec for rec in records_below(site.sources, records) if any(rec is r for r, _ in parts or ())]
+        if not parts or not targets:
+            return
+        r = site.grad  # [N, O]
+        self._check_examples(site, r)
+        n, k = r.shape[0], _factor(site.node).shape[1]
+        eye = torch.eye(k, dtype=r.dtype, device=r.device)
+        columns = eye[:, None, :].expand(k, n, k)  # [K(q), N, K]
+        block = backprop_columns(site.sources, [columns], targets)
+
+        def grad_outputs(rec: CallRecord) -> Tensor | tuple[Tensor, ...]:
+            outs = block.get(id(rec)) or tuple(rec.zeros_like_output(i, (k,)) for i in range(len(rec.output_edges)))
+            return outs[0] if len(outs) == 1 else outs
+
+        g = ColumnResults(contributions, grad_outputs).per_example_grads(parts)  # [K(q), N, *W]
+        # W [O, K]: d a_nq / d W_pq weighted by r_np; W [K, O]: d a_np / d W_pq weighted by r_nq
+        pattern = "qnpq,np->npq" if use.transposed else "pnpq,nq->npq"
+        term = 2 * use.alpha * torch.einsum(pattern, g, r)
+        into.add(use.param, term if into.per_example else term.sum(0))
 
     def _closed_forms(
         self, site: CurvedSite, weights: Tensor, contributions: Contributions, into: Diagonals
@@ -245,6 +292,18 @@ class CurvaturePlan:
                 f"the exact Hessian needs the second-order term of {type(site.node).__name__} over "
                 f"{blocks.shape[0]} rows, which cannot be split among the {self.batch_size} examples (does it "
                 "normalize over the batch?). Use DiagGGNExact."
+            )
+
+    @staticmethod
+    def _check_instance_rows(site: CurvedSite, targets: list[CallRecord]) -> None:
+        """Raise unless row ``n * C + c`` of an instance normalization depends on example ``n`` only."""
+        a = site.node._saved_input
+        layout = (site.examples, a.shape[1] // site.examples, *a.shape[2:])
+        if mixes_examples(site.sources[0], a.shape, targets, layout):
+            raise UnsupportedOperationError(
+                f"the exact Hessian needs the second-order term of {type(site.node).__name__}, a normalization with "
+                "statistics over rows that do not each belong to one example (batch statistics, or a layout other "
+                "than F.instance_norm's). Use DiagGGNExact, or secorder_hooks.hessian_diagonal outside extend()."
             )
 
     @staticmethod
@@ -367,6 +426,11 @@ def _active_session() -> Session | None:
 
     sessions = active_sessions()
     return sessions[-1] if sessions else None
+
+
+def _factor(node) -> Tensor:
+    """The activation factor ``a`` saved by a matrix-product node (``addmm``'s ``mat1``, ``mm``'s ``self``)."""
+    return node._saved_mat1 if node_name(node) == "AddmmBackward0" else node._saved_self
 
 
 def _records(contributions: Contributions) -> list[CallRecord]:

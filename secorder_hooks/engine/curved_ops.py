@@ -9,6 +9,8 @@ between a parameter and the loss. Autograd nodes are classified by type name:
   convolutions, normalizations in eval mode): a term only between parameters that
   reach two different inputs, which is off the diagonal unless both inputs depend on
   the same parameter (handled for elementwise products, refused otherwise).
+* :data:`LINEAR_IN_FIRST`: linear in the first input, curved in the second (division):
+  no term when no parameter reaches the second.
 * :data:`ELEMENTWISE`: :math:`h = \phi(a)` elementwise; the term is
   :math:`\sum_e \phi''(a_e)\, \partial L/\partial h_e\, (\partial a_e/\partial\theta)^2`.
   Each entry computes :math:`\phi''(a)` from what the node saved.
@@ -30,6 +32,7 @@ __all__ = [
     "MULTILINEAR",
     "ELEMENTWISE",
     "ELEMENTWISE_PRODUCT",
+    "LINEAR_IN_FIRST",
     "DIAGONAL",
     "second_derivative",
     "node_name",
@@ -162,6 +165,11 @@ MULTILINEAR: dict[str, tuple[int, ...]] = {
     "NativeBatchNormBackward0": (0, 1),
 }
 """Nodes linear in each input separately: type name -> positions of the multiplied inputs."""
+
+
+LINEAR_IN_FIRST: frozenset[str] = frozenset({"DivBackward0"})
+"""Binary nodes linear in their first input and curved in the second (``a / b``): no term
+when no parameter reaches the second input (division by a constant, e.g. a temperature)."""
 
 
 def _from_result(fn: Callable[[Tensor], Tensor]) -> Callable[[Node], Tensor]:

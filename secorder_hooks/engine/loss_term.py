@@ -51,15 +51,20 @@ def select_loss_term(session: Session, loss: Tensor) -> LossTerm:
             f"curvature quantities need a scalar loss; loss.backward() was called on a tensor of shape "
             f"{tuple(loss.shape)}. Reduce it with .sum() or .mean() first."
         )
-    for call in session.loss_calls:
+    calls = session.loss_calls
+    for call in calls:
         if call.result is loss:
             term = loss_term_from_call(call)
             _check_only_through(session, loss, term)
             return term
     reachable = set(iter_nodes(loss.grad_fn))
-    candidates = [c.input for c in session.loss_calls if c.result.grad_fn in reachable]
+    candidates = [(get_gradient_edge(c.input), c.input.shape) for c in calls if c.result.grad_fn in reachable]
     if not candidates:
-        candidates = [out for out in session.root_outputs if out.grad_fn in reachable]
+        candidates = [
+            (forward.output_edge, forward.output_shape)
+            for forward in session.records.passes
+            if forward.output_edge.node in reachable
+        ]
     if len(candidates) != 1:
         found = "no" if not candidates else f"{len(candidates)}"
         raise UnsupportedLossError(
@@ -67,8 +72,8 @@ def select_loss_term(session: Session, loss: Tensor) -> LossTerm:
             "outputs (recognized loss calls or model outputs) feed this loss. Compute the loss from a single "
             "forward pass with one standard loss function, or return a single tensor from the model."
         )
-    f = candidates[0]
-    term = AutogradLossTerm(loss, get_gradient_edge(f), f.shape)
+    edge, shape = candidates[0]
+    term = AutogradLossTerm(loss, edge, shape)
     _check_only_through(session, loss, term)
     return term
 

@@ -3,8 +3,9 @@
 While an :func:`~secorder_hooks.extend` context is active, :class:`EngineMode` is pushed
 as a :class:`torch.overrides.TorchFunctionMode`. It
 
-* routes ``Tensor.backward`` to the engine, so a plain ``loss.backward()`` computes the
-  requested quantities,
+* routes ``Tensor.backward`` and ``torch.autograd.backward`` to the engine, so a plain
+  ``loss.backward()`` computes the requested quantities (``torch.autograd.grad`` passes
+  through: it computes ordinary gradients only and leaves the records in place),
 * records every call of a standard loss function (:mod:`secorder_hooks.losses.calls`),
 * notes any trainable parameter that enters a differentiable operation while none of
   the modules owning it is executing (weights used outside their module, penalty terms),
@@ -28,7 +29,7 @@ __all__ = ["EngineMode"]
 
 
 class EngineMode(TorchFunctionMode):
-    """Intercepts ``Tensor.backward``, loss functions and parameter uses for a session."""
+    """Intercepts ``Tensor.backward``, ``torch.autograd.backward``, loss functions and parameter uses for a session."""
 
     def __init__(self, session: Session) -> None:
         super().__init__()
@@ -40,9 +41,12 @@ class EngineMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func is Tensor.backward:
             return self.session.backward(*args, **kwargs)
-        result = func(*args, **kwargs)
+        if func is torch.autograd.backward:
+            return self.session.autograd_backward(*args, **kwargs)
+        result = func(*args, **kwargs)  # the operation itself: its errors reach the caller unchanged
         if func in LOSS_FUNCTIONS:
-            self.session.loss_calls.append(make_loss_call(func, args, kwargs, result))
+            if isinstance(result, Tensor) and result.grad_fn is not None:  # not under no_grad(): no backward follows
+                self.session.add_loss_call(make_loss_call(func, args, kwargs, result))
         elif torch.is_grad_enabled():
             # composite functions may return several tensors (e.g. F.multi_head_attention_forward)
             for out in result if isinstance(result, (tuple, list)) else (result,):

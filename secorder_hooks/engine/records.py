@@ -11,15 +11,66 @@ after each backward pass.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, Node
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["CallInputs", "CallRecord", "RecordStore"]
+__all__ = ["CallInputs", "CallRecord", "ForwardPass", "RecordStore", "GraphOwned"]
+
+T = TypeVar("T")
+
+
+class GraphOwned(Generic[T]):
+    """Objects of a forward pass kept alive by its autograd graph, not by the session.
+
+    :meth:`add` registers a pre-hook holding the object on a node of the graph and keeps
+    only a weak reference: once the user drops every tensor of a forward pass that was
+    never backpropagated (an evaluation forward with gradients enabled), the graph, its
+    hooks and the objects are freed together (by the garbage collector when an object
+    refers back to the graph). :meth:`clear` removes the hooks, so that no object outlives
+    the context or the backward pass that consumed it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, RemovableHandle]] = {}
+
+    def add(self, obj: T, node: Node) -> None:
+        """Keep ``obj`` for as long as ``node`` (and so the graph of the forward pass) is alive."""
+        key = id(obj)
+        entries = self._entries
+        handle = node.register_prehook(_holder(obj))
+        entries[key] = (weakref.ref(obj, lambda _, key=key: entries.pop(key, None)), handle)
+
+    def __iter__(self) -> Iterator[T]:
+        for ref, _ in list(self._entries.values()):
+            obj = ref()
+            if obj is not None:
+                yield obj
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every object and remove the hooks holding them."""
+        entries = list(self._entries.values())
+        self._entries.clear()
+        for _, handle in entries:  # removing a hook may free its object, whose callback edits the dict
+            handle.remove()
+
+
+def _holder(obj: object):
+    def hook(grad_outputs: tuple) -> None:  # holds obj; does nothing
+        del grad_outputs
+
+    hook.obj = obj  # type: ignore[attr-defined]
+    return hook
 
 
 class CallInputs(tuple):
@@ -94,8 +145,32 @@ class CallRecord:
         return torch.zeros(*leading, *self.output_shapes[index], dtype=dtype, device=device)
 
 
+@dataclass(eq=False)
+class ForwardPass:
+    """The records of one forward pass of the extended model and its output.
+
+    Owned by the node of the output (:class:`GraphOwned`), so it lives as long as anything
+    that could be backpropagated through that output (the output itself, a loss of it).
+
+    Attributes:
+        records: The calls recorded during the pass, in call order.
+        output_edge: Gradient edge of the model output.
+        output_shape: Its shape.
+    """
+
+    records: list[CallRecord]
+    output_edge: GradientEdge
+    output_shape: torch.Size
+
+
 class RecordStore:
     """The calls recorded since the last backward pass.
+
+    Calls recorded during a forward pass of the extended model are handed to a
+    :class:`ForwardPass` owned by the graph of the model output (:meth:`seal`): a forward
+    pass that is never backpropagated (an evaluation forward with gradients enabled) and
+    whose tensors the user dropped leaves nothing behind. Calls outside such a pass (a
+    submodule called directly) are kept until the next backward pass.
 
     Attributes:
         capturing: Output hooks store gradients only while this is set (during the
@@ -104,7 +179,8 @@ class RecordStore:
     """
 
     def __init__(self) -> None:
-        self._records: list[CallRecord] = []
+        self._pending: list[CallRecord] = []
+        self.passes: GraphOwned[ForwardPass] = GraphOwned()
         self._capturing = False
         self.paused = False
 
@@ -120,21 +196,31 @@ class RecordStore:
     @capturing.setter
     def capturing(self, value: bool) -> None:
         if value and not self._capturing:
-            for rec in self._records:
+            for rec in self:
                 rec.grads = [None] * len(rec.grads)
         self._capturing = value
 
     def __iter__(self) -> Iterator[CallRecord]:
-        return iter(self._records)
+        for forward in self.passes:
+            yield from forward.records
+        yield from list(self._pending)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._pending) + sum(len(forward.records) for forward in self.passes)
+
+    def seal(self, output: Tensor) -> None:
+        """End a forward pass of the model whose output is ``output`` (with a ``grad_fn``)."""
+        edge = torch.autograd.graph.get_gradient_edge(output)
+        forward = ForwardPass(self._pending, edge, output.shape)
+        self._pending = []
+        self.passes.add(forward, edge.node)
 
     def clear(self) -> None:
         """Drop every record, releasing the tensors it holds even if a hook still refers to it."""
-        for rec in self._records:
+        for rec in self:
             rec.release()
-        self._records.clear()
+        self._pending = []
+        self.passes.clear()
 
     def record(self, module: nn.Module, name: str, args: tuple, kwargs: dict, output: object) -> object:
         """Record one call: called from the module's forward hook.
@@ -169,19 +255,21 @@ class RecordStore:
             grads=[None] * len(outputs),
         )
         for i, edge in enumerate(rec.output_edges):
-            edge.node.register_prehook(self._capture(rec, i, edge.output_nr))
-        self._records.append(rec)
+            edge.node.register_prehook(self._capture(weakref.ref(rec), i, edge.output_nr))
+        self._pending.append(rec)
         if not replaced:
             return None
         return flat[0] if spec is None else tree_unflatten(flat, spec)
 
-    def _capture(self, rec: CallRecord, index: int, output_nr: int):
+    def _capture(self, ref: weakref.ref[CallRecord], index: int, output_nr: int):
         # A pre-hook of the node that produced the output sees the gradient that node receives, after
         # every tensor hook (users' gradient hooks included); a tensor hook of ours would see only those
-        # registered before it. Half the cost of a tensor hook, which builds a hook dict in Python.
+        # registered before it. Half the cost of a tensor hook, which builds a hook dict in Python. It
+        # refers to the record weakly: the record is owned by its forward pass, not by its own node.
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
             grad = grad_outputs[output_nr]
-            if self.capturing and grad is not None:
+            rec = ref()
+            if self.capturing and grad is not None and rec is not None:
                 prev = rec.grads[index]
                 rec.grads[index] = grad if prev is None else prev + grad
 

@@ -28,13 +28,21 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from secorder_hooks.engine.curved_ops import AFFINE, ELEMENTWISE, ELEMENTWISE_PRODUCT, MULTILINEAR, node_name
-from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable
+from secorder_hooks.engine.curved_ops import (
+    AFFINE,
+    ELEMENTWISE,
+    ELEMENTWISE_PRODUCT,
+    LINEAR_IN_FIRST,
+    MULTILINEAR,
+    node_name,
+)
+from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable, only_input
+from secorder_hooks.engine.mixing import BATCH_NORMS
 from secorder_hooks.engine.records import CallRecord
-from secorder_hooks.engine.rowwise import ROWWISE
+from secorder_hooks.engine.rowwise import ROWWISE, instance_rows
 from secorder_hooks.errors import UnsupportedOperationError
 
-__all__ = ["SiteKind", "CurvedSite", "find_sites", "params_below", "records_below"]
+__all__ = ["SiteKind", "CurvedSite", "WeightUse", "find_sites", "internal_nodes", "params_below", "records_below"]
 
 
 class SiteKind(enum.Enum):
@@ -43,6 +51,46 @@ class SiteKind(enum.Enum):
     ELEMENTWISE = "elementwise"
     PRODUCT = "product"
     ROWWISE = "rowwise"
+    REUSED_WEIGHT = "reused_weight"
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    r"""A weight entering a matrix product :math:`h = \alpha\, a\, B` directly, ``B = W^T`` or ``W``.
+
+    Attributes:
+        param: Id of the parameter ``W``.
+        transposed: ``B = W^T`` (``F.linear``), else ``B = W``.
+        alpha: The product's scale (``addmm``'s ``alpha``).
+    """
+
+    param: int
+    transposed: bool
+    alpha: float = 1.0
+
+
+_MATRIX_PRODUCTS = {"AddmmBackward0": (1, 2), "MmBackward0": (0, 1)}
+"""Matrix products whose cross term between a reused weight and its activation is computed: (a, B) positions."""
+
+
+def _weight_use(node: Node, edges: list[GradientEdge]) -> WeightUse | None:
+    """How a parameter enters the second factor of a 2-D matrix product directly, if it does."""
+    positions = _MATRIX_PRODUCTS.get(node_name(node))
+    if positions is None:
+        return None
+    first, second = positions
+    a = node._saved_mat1 if node_name(node) == "AddmmBackward0" else node._saved_self
+    if a is None or a.dim() != 2 or edges[first].node is None or edges[second].node is None:
+        return None
+    factor = edges[second].node
+    transposed = node_name(factor) == "TBackward0"
+    if transposed:
+        inner = only_input(factor)
+        factor = factor.next_functions[inner][0] if inner is not None else None
+    var = leaf_variable(factor) if factor is not None else None
+    if var is None or leaf_variable(edges[first].node) is not None:
+        return None
+    return WeightUse(id(var), transposed, float(getattr(node, "_saved_alpha", 1.0)))
 
 
 @dataclass(eq=False)
@@ -54,12 +102,18 @@ class CurvedSite:
         kind: Elementwise function or elementwise product.
         sources: Gradient edges of its input ``a`` (elementwise) or factors ``u, v``.
         grad: :math:`\partial L / \partial h` at its output, captured in the backward pass.
+        examples: For an instance normalization (batch norm over ``[1, N * C, ...]``), the
+            ``N`` its rows belong to; checked against the batch size.
+        weight: For a matrix product of an activation and a weight the activation depends
+            on too (a module called twice in a chain, tied weights): how the weight enters.
     """
 
     node: Node
     kind: SiteKind
     sources: tuple[GradientEdge, ...]
     grad: Tensor | None = None
+    examples: int | None = None
+    weight: WeightUse | None = None
 
     def capture(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
         """Node pre-hook storing the gradient at the operation's output."""
@@ -88,7 +142,7 @@ def params_below(root: Node, param_ids: set[int]) -> dict[Node, frozenset[int]]:
     return below
 
 
-def _internal_nodes(rec: CallRecord) -> set[Node]:
+def internal_nodes(rec: CallRecord) -> set[Node]:
     """Nodes created inside one module call: between its outputs and its inputs."""
     stop = {t.grad_fn for t in rec.inputs if isinstance(t, Tensor) and t.grad_fn is not None}
     inside: set[Node] = set()
@@ -120,7 +174,7 @@ def find_sites(
     below = params_below(root, param_ids)
     covered: dict[Node, frozenset[int]] = {}
     for rec, own in self_curved:
-        for node in _internal_nodes(rec):
+        for node in internal_nodes(rec):
             covered[node] = covered.get(node, frozenset()) | own
     sites = []
     for node in below:
@@ -132,21 +186,46 @@ def find_sites(
         if not any(params for _, params in inputs):
             continue
         edges = [GradientEdge(e[0], e[1]) for e, _ in inputs]
-        if name in ELEMENTWISE or name in ROWWISE:
+        batch_stats = name in BATCH_NORMS and bool(getattr(node, "_saved_training", False))
+        if name in ELEMENTWISE or (name in ROWWISE and (name not in BATCH_NORMS or batch_stats)):
             kind = SiteKind.ELEMENTWISE if name in ELEMENTWISE else SiteKind.ROWWISE
+            examples = None
+            if batch_stats:
+                examples = instance_rows(node)
+                if examples is None and inputs[0][1]:
+                    raise _unsupported(name, _first(inputs[0][1], describe), _BATCH_STATISTICS)
+            if kind is SiteKind.ROWWISE:
+                shared = inputs[0][1] & frozenset().union(*(p for _, p in inputs[1:]))
+                if shared:
+                    raise _unsupported(name, _first(shared, describe), "its input and its weight depend on it")
             if inputs[0][1]:
-                sites.append(CurvedSite(node, kind, (edges[0],)))
+                sites.append(CurvedSite(node, kind, (edges[0],), examples=examples))
+        elif name in LINEAR_IN_FIRST and not any(params for _, params in inputs[1:]):
+            continue  # a / c with c free of parameters: linear in a
         elif name in MULTILINEAR:
             for i, j in itertools.combinations(MULTILINEAR[name], 2):
                 shared = inputs[i][1] & inputs[j][1]
+                use = _weight_use(node, edges) if shared else None
                 if shared and name == ELEMENTWISE_PRODUCT:
                     sites.append(CurvedSite(node, SiteKind.PRODUCT, (edges[i], edges[j])))
+                elif use is not None and shared == {use.param}:
+                    sites.append(CurvedSite(node, SiteKind.REUSED_WEIGHT, (edges[i],), weight=use))
                 elif shared:
-                    raise _unsupported(name, _first(shared, describe), "two factors of this product depend on it")
+                    raise _unsupported(
+                        name,
+                        _first(shared, describe),
+                        "two factors of this product depend on it (the cross term between two uses of a weight is "
+                        "computed only for 2-D inputs of F.linear / mm with the weight itself as second factor)",
+                    )
         else:
             params = next(p for _, p in inputs if p)
             raise _unsupported(name, _first(params, describe), "its second derivative is not known to the engine")
     return sites
+
+
+_BATCH_STATISTICS = (
+    "it normalizes with statistics over several examples of the batch (batch statistics), which are not per-example"
+)
 
 
 def _first(params: frozenset[int], describe: dict[int, str]) -> str:

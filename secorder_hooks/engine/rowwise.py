@@ -1,4 +1,4 @@
-r"""Second-order terms of row-wise curved operations: softmax, log-softmax, layer and group norm.
+r"""Second-order terms of row-wise curved operations: softmax, log-softmax, layer, group and instance norm.
 
 Such an operation maps each row :math:`a_\rho \in \mathbb{R}^D` of its input (a slice
 along the normalized or softmax dimensions) to a row of its output. With the gradient
@@ -25,7 +25,7 @@ from torch.func import hessian, vmap
 
 from secorder_hooks.engine.curved_ops import node_name
 
-__all__ = ["ROWWISE", "row_blocks", "block_columns"]
+__all__ = ["ROWWISE", "row_blocks", "block_columns", "instance_rows"]
 
 ToInput = Callable[[Tensor], Tensor]
 
@@ -93,11 +93,44 @@ def _group_norm(node: Node, grad: Tensor) -> tuple[Tensor, ToInput]:
     return blocks, lambda columns: columns.reshape(columns.shape[0], *a.shape)
 
 
+def _instance_norm(node: Node, grad: Tensor) -> tuple[Tensor, ToInput]:
+    r"""Batch norm with batch statistics over a batch of one row: ``F.instance_norm``'s ``[1, N * C, *rest]``.
+
+    Each channel ``n * C + c`` is a row (example ``n``, channel ``c``), normalized over ``rest``;
+    :func:`instance_rows` checks that the rows are laid out so.
+    """
+    a = node._saved_input
+    r = grad
+    if node._saved_weight is not None:
+        r = grad * node._saved_weight.reshape(1, -1, *([1] * (grad.dim() - 2)))
+    blocks = _norm_blocks(a.reshape(a.shape[1], -1), r.reshape(a.shape[1], -1), node._saved_result2)
+    return blocks, lambda columns: columns.reshape(columns.shape[0], *a.shape)
+
+
+def instance_rows(node: Node) -> int | None:
+    """For batch norm with batch statistics: the examples ``N`` of an instance-norm layout, else ``None``.
+
+    The layout is that of ``F.instance_norm``: the input ``[1, N * C, *rest]`` is a view of
+    ``[N, C, *rest]``, so channel ``n * C + c`` belongs to example ``n``.
+    """
+    a = node._saved_input
+    source = node.next_functions[0][0]
+    if a.dim() < 2 or a.shape[0] != 1 or source is None:
+        return None
+    if node_name(source) not in ("ViewBackward0", "UnsafeViewBackward0"):
+        return None
+    sizes = tuple(int(s) for s in getattr(source, "_saved_self_sym_sizes", ()))
+    if len(sizes) != a.dim() or sizes[2:] != tuple(a.shape[2:]) or sizes[0] * sizes[1] != a.shape[1]:
+        return None
+    return sizes[0]
+
+
 ROWWISE: dict[str, Callable[[Node, Tensor], tuple[Tensor, ToInput]]] = {
     "SoftmaxBackward0": _softmax,
     "LogSoftmaxBackward0": _log_softmax,
     "NativeLayerNormBackward0": _layer_norm,
     "NativeGroupNormBackward0": _group_norm,
+    "NativeBatchNormBackward0": _instance_norm,  # only with batch statistics (see residuals.find_sites)
 }
 """Row-wise curved nodes: type name -> ``(node, grad) -> (blocks [R, D, D], to_input)``."""
 

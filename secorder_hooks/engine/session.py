@@ -2,26 +2,49 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
 from secorder_hooks.engine.mode import EngineMode
 from secorder_hooks.engine.options import EngineOptions
-from secorder_hooks.engine.records import RecordStore
+from secorder_hooks.engine.records import GraphOwned, RecordStore
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
 from secorder_hooks.rules.base import LayerRule, rule_for
 from secorder_hooks.rules.generic import rule_parameters
 
-__all__ = ["Session", "active_sessions", "isolated"]
+__all__ = ["Session", "Misuse", "active_sessions", "isolated"]
+
+
+@dataclass(eq=False)
+class _LossEntry:
+    """A loss call without its result, which it refers to weakly.
+
+    The entry is owned by the result's node; holding the result itself would be a cycle
+    through that node that the garbage collector cannot see.
+    """
+
+    call: LossCall
+    result: weakref.ref[Tensor]
+
+
+@dataclass(eq=False)
+class Misuse:
+    """A trainable parameter used while none of its modules runs, and the node of the result it entered."""
+
+    name: str
+    node: Node
 
 
 class Session:
@@ -68,9 +91,10 @@ class Session:
                 "there is nothing to compute. Check requires_grad of its parameters."
             )
         self.records = RecordStore()
-        self.loss_calls: list[LossCall] = []
-        self.root_outputs: list[Tensor] = []
-        self.misused: list[tuple[str, Tensor]] = []
+        # Owned by the graphs of the forward passes (see GraphOwned): an evaluation forward with
+        # gradients enabled, never backpropagated, leaves nothing behind once its tensors are dropped.
+        self._loss_calls: GraphOwned[_LossEntry] = GraphOwned()
+        self.misused: GraphOwned[Misuse] = GraphOwned()
         self._active: Counter[int] = Counter()
         self._handles: list[RemovableHandle] = []
         self._mode: EngineMode | None = EngineMode(self)
@@ -129,9 +153,24 @@ class Session:
     def reset_pass(self) -> None:
         """Forget what the forward passes since the last backward recorded."""
         self.records.clear()
-        self.loss_calls.clear()
-        self.root_outputs.clear()
+        self._loss_calls.clear()
         self.misused.clear()
+
+    # ----------------------------------------------------------------- loss calls
+    def add_loss_call(self, call: LossCall) -> None:
+        """Keep a recognized loss call for as long as its result's graph lives."""
+        entry = _LossEntry(replace(call, result=None), weakref.ref(call.result))  # type: ignore[arg-type]
+        self._loss_calls.add(entry, call.result.grad_fn)
+
+    @property
+    def loss_calls(self) -> list[LossCall]:
+        """The recognized loss calls since the last backward whose result is still alive."""
+        calls = []
+        for entry in self._loss_calls:
+            result = entry.result()
+            if result is not None:
+                calls.append(replace(entry.call, result=result))
+        return calls
 
     # ----------------------------------------------------------------- hooks
     def _enter_module(self, module: nn.Module, args: tuple) -> None:
@@ -149,8 +188,8 @@ class Session:
         return hook
 
     def _record_root(self, module: nn.Module, args: tuple, output: object) -> None:
-        if isinstance(output, Tensor) and output.requires_grad and not self.suspended:
-            self.root_outputs.append(output)
+        if isinstance(output, Tensor) and output.grad_fn is not None and not self.suspended:
+            self.records.seal(output)
 
     def _check_batchnorm(self, module: nn.Module, args: tuple, output: object) -> None:
         if module.training and torch.is_grad_enabled() and not self.records.paused and not self.suspended:
@@ -169,10 +208,36 @@ class Session:
         for arg in (*args, *kwargs.values()) if kwargs else args:
             # a dict lookup by id first: the session holds its parameters, so a hit is one of them
             for a in arg if isinstance(arg, (list, tuple)) else (arg,):
-                if id(a) in owners and not any(self._active[id(m)] > 0 for m in owners[id(a)]):
-                    self.misused.append((self.param_names[id(a)], result))
+                unowned = id(a) in owners and not any(self._active[id(m)] > 0 for m in owners[id(a)])
+                if unowned and result.grad_fn is not None:
+                    self.misused.add(Misuse(self.param_names[id(a)], result.grad_fn), result.grad_fn)
 
     # ----------------------------------------------------------------- backward
+    def autograd_backward(
+        self,
+        tensors: Tensor | Sequence[Tensor],
+        grad_tensors: Tensor | Sequence[Tensor | None] | None = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        grad_variables: Any = None,
+        inputs: Any = None,
+    ) -> None:
+        """Replacement of ``torch.autograd.backward`` while the context is active: as ``tensors.backward()``.
+
+        Raises:
+            ExtensionError: Several tensors: the engine computes the quantities of one loss.
+        """
+        tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+        if grad_variables is not None:
+            grad_tensors = grad_variables
+        grads = (grad_tensors,) if grad_tensors is None or isinstance(grad_tensors, Tensor) else tuple(grad_tensors)
+        if len(tensors) != 1 or len(grads) != 1:
+            raise ExtensionError(
+                f"torch.autograd.backward() inside extend() got {len(tensors)} tensors; the engine computes the "
+                "quantities of one loss. Add the losses into one tensor and call loss.backward()."
+            )
+        self.backward(tensors[0], grads[0], retain_graph, create_graph, inputs)
+
     def backward(
         self,
         tensor: Tensor,
