@@ -18,19 +18,20 @@ from tests import reference
 DT = torch.float64
 N = 3
 
-CASES = {
-    "instance1d": (nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, affine=True), (N, 2, 7)),
-    "instance2d": (nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, affine=True), (N, 2, 5, 5)),
-    "instance3d": (nn.Conv3d(2, 3, 2), nn.InstanceNorm3d(3, affine=True), (N, 2, 3, 3, 3)),
-    "instance2d_plain": (nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3), (N, 2, 5, 5)),
-    "group_1": (nn.Conv2d(2, 4, 3), nn.GroupNorm(1, 4), (N, 2, 5, 5)),
-    "group_2": (nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), (N, 2, 5, 5)),
-    "group_4": (nn.Conv2d(2, 4, 3), nn.GroupNorm(4, 4), (N, 2, 5, 5)),
+CASES = {  # factories: every test gets fresh modules (no .grad carried over to accumulate)
+    "instance1d": (lambda: (nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, affine=True)), (N, 2, 7)),
+    "instance2d": (lambda: (nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, affine=True)), (N, 2, 5, 5)),
+    "instance3d": (lambda: (nn.Conv3d(2, 3, 2), nn.InstanceNorm3d(3, affine=True)), (N, 2, 3, 3, 3)),
+    "instance2d_plain": (lambda: (nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3)), (N, 2, 5, 5)),
+    "group_1": (lambda: (nn.Conv2d(2, 4, 3), nn.GroupNorm(1, 4)), (N, 2, 5, 5)),
+    "group_2": (lambda: (nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), (N, 2, 5, 5)),
+    "group_4": (lambda: (nn.Conv2d(2, 4, 3), nn.GroupNorm(4, 4)), (N, 2, 5, 5)),
 }
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    conv, norm, shape = CASES[name]
+    layers, shape = CASES[name]
+    conv, norm = layers()
     x = torch.randn(*shape, dtype=DT)
     model = nn.Sequential(conv, norm, nn.Tanh(), nn.Flatten())
     features = model.to(DT)(x).shape[1]
