@@ -6,7 +6,9 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["vmap_fallbacks_allowed"]
+import torch
+
+__all__ = ["onednn_disabled", "vmap_fallbacks_allowed"]
 
 
 @contextmanager
@@ -19,3 +21,17 @@ def vmap_fallbacks_allowed() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
         yield
+
+
+@contextmanager
+def onednn_disabled() -> Iterator[None]:
+    """``torch.backends.mkldnn.flags(enabled=False)`` without torch's notice on setting the flags.
+
+    Entering and leaving the flags context sets oneDNN's TF32 flag too, and CPU builds of
+    torch then warn "TF32 acceleration on top of oneDNN is available for Intel GPUs",
+    which says nothing about the user's computation.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TF32 acceleration on top of oneDNN", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield

@@ -218,7 +218,6 @@ def test_recurrent_modules_in_float32_and_float64(recurrent: type[nn.RNNBase]) -
                 torch.testing.assert_close(got.double(), values[name], **tol, msg=f"{dtype} {attribute} {name}")
 
 
-
 class ForgetsWeights(LinearRule):
     """A typical bug: the curvature weights [V, N] are ignored."""
 
@@ -241,3 +240,33 @@ def test_check_rule_message_names_the_rule(rule: LayerRule, name: str) -> None:
         check_rule(nn.Linear(3, 2), torch.randn(4, 3), rule)
     assert str(info.value).startswith(f"{name} on Linear: ")
     assert " object at 0x" not in str(info.value)
+
+
+def test_recurrent_modules_run_without_torch_notices() -> None:
+    """As users see it (a fresh interpreter): disabling oneDNN for an LSTM prints no torch notice."""
+    import os
+    import subprocess
+    import sys
+
+    program = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from secorder_hooks import extend, BatchGrad\n"
+        "lstm, head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)\n"
+        "model = nn.ModuleDict({'lstm': lstm, 'head': head})\n"
+        "x, y = torch.randn(5, 6, 3), torch.randint(0, 2, (5,))\n"
+        "with extend(model, BatchGrad()):\n"
+        "    nn.functional.cross_entropy(head(lstm(x)[0][:, -1]), y).backward()\n"
+        "print(lstm.weight_ih_l0.grad_batch.shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    run = subprocess.run(
+        [sys.executable, "-c", program],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout
+    assert run.stdout.strip() == "torch.Size([5, 16, 3])", run.stdout

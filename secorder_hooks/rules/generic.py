@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
-from secorder_hooks._warnings import vmap_fallbacks_allowed
+from secorder_hooks._warnings import onednn_disabled, vmap_fallbacks_allowed
 from secorder_hooks.errors import UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, trainable_parameters
 
@@ -286,7 +286,7 @@ def _differentiable_kernels() -> Iterator[None]:
       for argument #22 'workspace'"); the native kernel computes the same function and
       is differentiable there.
     """
-    with sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False):
+    with sdpa_kernel(SDPBackend.MATH), onednn_disabled():
         yield
 
 
