@@ -18,7 +18,7 @@ from secorder_hooks.engine.accumulate import PassValues
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import BatchGrad, BatchL2Grad, SumGradSquared, Variance
-from secorder_hooks.rules.base import LayerRule, rule_for, weighted_square_reduce
+from secorder_hooks.rules.base import LayerRule, rule_for, squared_norms, weighted_square_reduce
 from secorder_hooks.rules.generic import example_count, rule_parameters
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class ColumnResults:
         if len(parts) == 1:
             rec, name = parts[0]
             return self._call(rec, "squared_norms")[name]
-        return self.per_example_grads(parts).flatten(2).square().sum(-1)
+        return squared_norms(self.per_example_grads(parts))
 
 
 def assemble_first_order(session: Session, contributions: Contributions, into: PassValues) -> None:

@@ -21,7 +21,12 @@ from torch import Tensor
 
 from secorder_hooks.engine.accumulate import PassValues, Window
 from secorder_hooks.engine.assemble import Contributions, assemble_first_order, pass_examples
-from secorder_hooks.engine.graph import iter_nodes, reached_parameters
+from secorder_hooks.engine.graph import (
+    REENTRANT_CHECKPOINT_ADVICE,
+    iter_nodes,
+    reached_parameters,
+    reentrant_checkpoint,
+)
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
 from secorder_hooks.engine.residuals import internal_nodes
@@ -50,7 +55,8 @@ def run_backward(
     if retain_graph is None:
         retain_graph = create_graph
     params = session.params
-    if len(session.records) == 0:
+    # a reentrant checkpoint records its block only when it recomputes it, inside the backward pass
+    if len(session.records) == 0 and reentrant_checkpoint(loss.grad_fn) is None:
         reached = reached_parameters(loss.grad_fn, set(params))
         if reached:
             raise ExtensionError(
@@ -84,11 +90,13 @@ def run_backward(
     handles += [node.register_prehook(_flag(misuse_fired, name)) for name, node in _misuse_nodes(session)]
     if plan is not None:
         handles += plan.register_capture_hooks()
+    # the rules of reparametrized modules backpropagate through the parametrizations' graphs afterwards
+    keep = plan is not None or any(rec.inputs.effective for rec in session.records)
     session.records.capturing = True
     try:
         try:
             torch.autograd.backward(
-                loss, gradient, retain_graph=retain_graph or plan is not None, create_graph=create_graph, inputs=inputs
+                loss, gradient, retain_graph=retain_graph or keep, create_graph=create_graph, inputs=inputs
             )
         finally:
             session.records.capturing = False
@@ -118,6 +126,12 @@ def _quantities(
             "the module that owns it (e.g. a weight tied through a functional call in a parent module, or a "
             "penalty term added to the loss). Per-example quantities of it would be wrong. Use the weight only "
             "inside its module, or add the penalty's gradient after leaving extend()."
+        )
+    recomputed = [rec for rec in session.records if rec.during_backward and rec.reached and rec.inputs.effective]
+    if recomputed:
+        raise ExtensionError(
+            f"module '{recomputed[0].name}' has a parametrized tensor and runs inside activation checkpointing with "
+            f"use_reentrant=True. {REENTRANT_CHECKPOINT_ADVICE}"
         )
     contributions = Contributions.collect(session)
     reached = _reached(params, before)

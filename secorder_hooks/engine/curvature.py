@@ -30,7 +30,7 @@ from secorder_hooks.engine.accumulate import PassValues
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
-from secorder_hooks.engine.graph import only_input
+from secorder_hooks.engine.graph import REENTRANT_CHECKPOINT_ADVICE, only_input, reentrant_checkpoint
 from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples
 from secorder_hooks.engine.records import CallRecord
@@ -44,6 +44,7 @@ from secorder_hooks.quantities import (
     DiagGGNExact,
     DiagGGNMC,
     DiagHessian,
+    Order,
     Quantity,
 )
 from secorder_hooks.rules.base import LayerRule, rule_for
@@ -118,6 +119,12 @@ class CurvaturePlan:
             UnsupportedOperationError: The Hessian is requested through an operation
                 whose second-order term is unknown.
         """
+        if reentrant_checkpoint(loss.grad_fn) is not None:
+            names = ", ".join(type(q).__name__ for q in session.quantities if q.order is Order.SECOND)
+            raise ExtensionError(
+                f"loss.backward() inside extend(..., {names}) goes through activation checkpointing with "
+                f"use_reentrant=True. {REENTRANT_CHECKPOINT_ADVICE} First-order quantities work with either."
+            )
         term = select_loss_term(session, loss)
         if any(isinstance(q, DiagGGNMC) for q in session.quantities) and not _can_sample(term):
             term.sample_sqrt_hessian(1)  # raises UnsupportedLossError naming the loss

@@ -6,8 +6,24 @@ from collections.abc import Iterator
 
 from torch import Tensor
 from torch.autograd.graph import Node
+from torch.utils.checkpoint import CheckpointFunction
 
-__all__ = ["iter_nodes", "leaf_variable", "reached_parameters", "children", "only_input"]
+__all__ = [
+    "iter_nodes",
+    "leaf_variable",
+    "reached_parameters",
+    "children",
+    "only_input",
+    "reentrant_checkpoint",
+    "REENTRANT_CHECKPOINT_ADVICE",
+]
+
+REENTRANT_CHECKPOINT_ADVICE = (
+    "A reentrant checkpoint recomputes its block inside its own backward and refuses any further "
+    "backward pass through it (torch.autograd.grad), which the engine needs here. Pass "
+    "use_reentrant=False to torch.utils.checkpoint.checkpoint (the same memory savings; every quantity is then "
+    "exact)."
+)
 
 
 def children(node: Node) -> Iterator[Node]:
@@ -53,3 +69,11 @@ def reached_parameters(root: Node | None, parameter_ids: set[int]) -> list[Tenso
         if var is not None and id(var) in parameter_ids:
             found.append(var)
     return found
+
+
+def reentrant_checkpoint(root: Node | None) -> Node | None:
+    """A node of ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` below ``root``, if any."""
+    for node in iter_nodes(root):
+        if getattr(node, "_forward_cls", None) is CheckpointFunction:
+            return node
+    return None

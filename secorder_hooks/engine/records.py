@@ -83,15 +83,26 @@ class CallInputs(tuple):
         kwargs: Keyword arguments of the call.
         differentiable_outputs: Positions, in ``torch.utils._pytree.tree_flatten(output)``,
             of the tensor outputs the engine backpropagates to (those requiring grad).
+        effective: For a module with reparametrized tensors, the value of each (name ->
+            tensor, with its autograd graph from the originals) that the call used
+            (:mod:`secorder_hooks.rules.reparametrized`); ``None`` otherwise.
     """
 
     kwargs: dict
     differentiable_outputs: tuple[int, ...]
+    effective: dict[str, Tensor] | None
 
-    def __new__(cls, args: tuple, kwargs: dict, differentiable_outputs: tuple[int, ...]) -> CallInputs:  # noqa: D102
+    def __new__(  # noqa: D102
+        cls,
+        args: tuple,
+        kwargs: dict,
+        differentiable_outputs: tuple[int, ...],
+        effective: dict[str, Tensor] | None = None,
+    ) -> CallInputs:
         obj = super().__new__(cls, args)
         obj.kwargs = kwargs
         obj.differentiable_outputs = differentiable_outputs
+        obj.effective = effective
         return obj
 
 
@@ -109,6 +120,8 @@ class CallRecord:
         output_kinds: Dtype and device of each differentiable tensor output.
         grads: Output gradients captured in the ordinary backward pass (``None`` where
             no gradient arrived).
+        during_backward: The call ran inside a backward pass (the recomputation of a
+            reentrant activation checkpoint).
     """
 
     module: nn.Module
@@ -118,6 +131,7 @@ class CallRecord:
     output_shapes: list[torch.Size]
     output_kinds: list[tuple[torch.dtype, torch.device]]
     grads: list[Tensor | None] = field(default_factory=list)
+    during_backward: bool = False
 
     def release(self) -> None:
         """Drop the recorded tensors (the output hooks may outlive the record)."""
@@ -222,8 +236,18 @@ class RecordStore:
         self._pending = []
         self.passes.clear()
 
-    def record(self, module: nn.Module, name: str, args: tuple, kwargs: dict, output: object) -> object:
+    def record(
+        self,
+        module: nn.Module,
+        name: str,
+        args: tuple,
+        kwargs: dict,
+        output: object,
+        effective: dict[str, Tensor] | None = None,
+    ) -> object:
         """Record one call: called from the module's forward hook.
+
+        ``effective`` holds the values of the module's reparametrized tensors in this call.
 
         Returns:
             The output to use instead, or ``None`` to keep it. A differentiable output
@@ -248,11 +272,12 @@ class RecordStore:
         rec = CallRecord(
             module=module,
             name=name,
-            inputs=CallInputs(args, kwargs, indices),
+            inputs=CallInputs(args, kwargs, indices, effective),
             output_edges=[torch.autograd.graph.get_gradient_edge(t) for t in outputs],
             output_shapes=[t.shape for t in outputs],
             output_kinds=[(t.dtype, t.device) for t in outputs],
             grads=[None] * len(outputs),
+            during_backward=self.capturing,
         )
         for i, edge in enumerate(rec.output_edges):
             edge.node.register_prehook(self._capture(weakref.ref(rec), i, edge.output_nr))

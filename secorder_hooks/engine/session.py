@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from secorder_hooks.engine.mode import EngineMode
@@ -23,6 +24,12 @@ from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
 from secorder_hooks.rules.base import LayerRule, rule_for
 from secorder_hooks.rules.generic import rule_parameters
+from secorder_hooks.rules.reparametrized import (
+    Reparametrization,
+    effective_values,
+    parametrization_modules,
+    reparametrizations,
+)
 
 __all__ = ["Session", "Misuse", "active_sessions", "isolated"]
 
@@ -75,8 +82,17 @@ class Session:
         self.rules: dict[nn.Module, LayerRule] = {}
         self.owned: dict[nn.Module, dict[str, nn.Parameter]] = {}
         """Rule and covered trainable parameters of every module that has any."""
+        inside_parametrizations = parametrization_modules(model)
+        self.reparametrized: dict[nn.Module, tuple[Reparametrization, ...]] = {}
+        """Modules with reparametrized tensors, whose rules cover the originals."""
+        self.latest_effective: dict[tuple[int, str], Tensor] = {}
+        """``(id(module), name) ->`` the last value of each parametrization evaluated."""
         for module_name, module in model.named_modules():
             self.module_names.setdefault(module, module_name)
+            if module in inside_parametrizations:
+                continue  # its parameters are originals of the parametrized module
+            if reparams := reparametrizations(module):
+                self.reparametrized[module] = reparams
             rule = rule_for(module)
             owned = rule_parameters(rule, module)
             if owned:
@@ -126,10 +142,16 @@ class Session:
                 if isinstance(module, _BatchNorm):
                     self._handles.append(module.register_forward_hook(self._check_batchnorm))
                 if module in self.owned:
-                    self._handles.append(module.register_forward_pre_hook(self._enter_module))
+                    # first, before a reparametrization pre-hook (deprecated weight_norm) uses the originals
+                    self._handles.append(module.register_forward_pre_hook(self._enter_module, prepend=True))
                     self._handles.append(
                         module.register_forward_hook(self._record_call(name), with_kwargs=True, always_call=True)
                     )
+            for module in self.reparametrized:
+                if parametrize.is_parametrized(module):
+                    for tensor_name, plist in module.parametrizations.items():
+                        hook = self._capture_parametrization(module, tensor_name)
+                        self._handles.append(plist.register_forward_hook(hook))
             self._handles.append(self.model.register_forward_hook(self._record_root))
             self._mode.__enter__()
         except BaseException:
@@ -154,6 +176,7 @@ class Session:
         """Forget what the forward passes since the last backward recorded."""
         self.records.clear()
         self._loss_calls.clear()
+        self.latest_effective.clear()
         self.misused.clear()
 
     # ----------------------------------------------------------------- loss calls
@@ -181,9 +204,20 @@ class Session:
             self._active[id(module)] -= 1
             if torch.is_grad_enabled() and not self.records.paused and not self.suspended:
                 # The engine's own tensor calls bypass its torch-function mode (about 20 us each otherwise).
+                effective = None
+                if module in self.reparametrized:
+                    effective = effective_values(module, self.reparametrized[module], self.latest_effective)
                 with torch._C.DisableTorchFunction():
-                    return self.records.record(module, name, args, kwargs, output)
+                    return self.records.record(module, name, args, kwargs, output, effective)
             return None
+
+        return hook
+
+    def _capture_parametrization(self, module: nn.Module, tensor_name: str):
+        key = (id(module), tensor_name)
+
+        def hook(plist: nn.Module, args: tuple, output: Tensor) -> None:
+            self.latest_effective[key] = output
 
         return hook
 

@@ -33,6 +33,7 @@ __all__ = [
     "registered_rule",
     "trainable_parameters",
     "square_sum",
+    "squared_norms",
     "weighted_square_reduce",
 ]
 
@@ -95,7 +96,7 @@ class LayerRule:
     def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
         r""":math:`\|g^{(v)}_n\|^2` per parameter tensor, ``[V, N]`` per parameter name."""
         grads = self.per_example_grads(module, inputs, grad_output)
-        return {name: g.flatten(start_dim=2).square().sum(-1) for name, g in grads.items()}
+        return {name: squared_norms(g) for name, g in grads.items()}
 
     def output_curvature(
         self, module: nn.Module, inputs: Sequence[Tensor], output_weights: Tensor, per_example: bool
@@ -203,6 +204,11 @@ def square_sum(g: Tensor, weights: Tensor | None) -> Tensor:
     return total
 
 
+def squared_norms(grads: Tensor) -> Tensor:
+    """``[V, N]``: the squared norm of each ``[V, N, *p]`` per-example gradient (``p`` may be a scalar)."""
+    return grads.reshape(*grads.shape[:2], -1).square().sum(-1)
+
+
 def weighted_square_reduce(grads: Tensor, weights: Tensor | None, per_example: bool) -> Tensor:
     r""":func:`square_sum` of ``[V, N, *p]``, summed over the examples too unless ``per_example``.
 
@@ -293,7 +299,14 @@ def registered_rule(module: nn.Module) -> LayerRule | None:
 
 
 def rule_for(module: nn.Module) -> LayerRule:
-    """The registered rule for ``module``, or the generic torch.func fallback."""
-    from secorder_hooks.rules.generic import GENERIC_RULE
+    """The registered rule for ``module``, or the generic torch.func fallback.
 
-    return registered_rule(module) or GENERIC_RULE
+    For a module with reparametrized tensors (``torch.nn.utils.parametrizations``, the
+    deprecated weight-norm hook), that rule wrapped in a
+    :class:`~secorder_hooks.rules.reparametrized.ReparametrizedRule`, which maps its
+    quantities of the effective tensors to the trainable originals.
+    """
+    from secorder_hooks.rules.generic import GENERIC_RULE
+    from secorder_hooks.rules.reparametrized import wrap_reparametrized
+
+    return wrap_reparametrized(module, registered_rule(module) or GENERIC_RULE)

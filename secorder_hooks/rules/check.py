@@ -101,7 +101,7 @@ def check_rule(
             got = rule.weighted_squared_sum(module, call, rule_vectors, weights, per_example)
             label = f"weighted_squared_sum(weights={'None' if weights is None else 'signs'}, per_example={per_example})"
             expect.close(label, got, want)
-    norms = {k: g.flatten(2).square().sum(-1) for k, g in ref.items()}
+    norms = {k: g.reshape(*g.shape[:2], -1).square().sum(-1) for k, g in ref.items()}
     expect.close("squared_norms", rule.squared_norms(module, call, rule_vectors), norms)
 
     if len(outs) == 1:

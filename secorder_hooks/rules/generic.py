@@ -31,6 +31,7 @@ from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_un
 from secorder_hooks._warnings import onednn_disabled, vmap_fallbacks_allowed
 from secorder_hooks.errors import UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, trainable_parameters
+from secorder_hooks.rules.reparametrized import frozen_tensors, reparametrizations
 
 __all__ = [
     "BatchLayout",
@@ -250,6 +251,7 @@ class _Call:
         self.values = tuple(self.leaves[i] for i in self.batched)
         self.in_axes = tuple(axes[i] for i in self.batched)
         self.params = {k: p.detach() for k, p in params.items()}
+        self.effective = _effective_tensors(module, inputs, self.params)
 
     def __call__(self, params: ParamDict, values: Sequence[Tensor]) -> Outputs:
         """Differentiable outputs of the module for inputs ``values`` (in place of the batched ones)."""
@@ -257,7 +259,10 @@ class _Call:
         for i, v in zip(self.batched, values):
             leaves[i] = v
         args, kwargs = tree_unflatten(leaves, self.spec)
-        flat = tree_flatten(functional_call(self.module, params, args, kwargs))[0]
+        effective = {k: params[k] for k in self.effective if k in params}
+        with frozen_tensors(self.module, effective):
+            own = {k: v for k, v in params.items() if k not in effective} if effective else params
+            flat = tree_flatten(functional_call(self.module, own, args, kwargs))[0]
         return tuple(flat[i] for i in self.indices)
 
     def example(self, params: ParamDict, values: Sequence[Tensor]) -> Outputs:
@@ -268,6 +273,29 @@ class _Call:
     def slices(self, n: int) -> tuple[Tensor, ...]:
         """Example ``n``'s inputs as a batch of one."""
         return tuple(v.narrow(a, n, 1) for v, a in zip(self.values, self.in_axes))
+
+
+def _effective_tensors(module: nn.Module, inputs: Sequence[Any], params: dict[str, Tensor]) -> tuple[str, ...]:
+    """Replace the originals of reparametrized tensors in ``params`` by the effective tensors (in place).
+
+    The module is then a function of its effective ``weight`` (say), frozen at the value
+    the recorded call used (:func:`~secorder_hooks.rules.reparametrized.frozen_tensors`);
+    the engine's :class:`~secorder_hooks.rules.reparametrized.ReparametrizedRule` maps its
+    gradients to the originals.
+
+    Returns:
+        The names of the effective tensors.
+    """
+    reparams = reparametrizations(module)
+    if not reparams:
+        return ()
+    values = getattr(inputs, "effective", None) or {}
+    for rp in reparams:
+        for name in rp.originals:
+            params.pop(name, None)
+        value = values.get(rp.name)
+        params[rp.name] = (getattr(module, rp.name) if value is None else value).detach()
+    return tuple(rp.name for rp in reparams)
 
 
 _UNBATCHABLE: set[tuple[type[nn.Module], str]] = set()
