@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from secorder_hooks.engine.mode import EngineMode
@@ -25,6 +24,7 @@ from secorder_hooks.quantities import Quantity
 from secorder_hooks.rules.base import LayerRule, rule_for
 from secorder_hooks.rules.generic import rule_parameters
 from secorder_hooks.rules.reparametrized import (
+    Form,
     Reparametrization,
     effective_values,
     parametrization_modules,
@@ -147,11 +147,11 @@ class Session:
                     self._handles.append(
                         module.register_forward_hook(self._record_call(name), with_kwargs=True, always_call=True)
                     )
-            for module in self.reparametrized:
-                if parametrize.is_parametrized(module):
-                    for tensor_name, plist in module.parametrizations.items():
-                        hook = self._capture_parametrization(module, tensor_name)
-                        self._handles.append(plist.register_forward_hook(hook))
+            for module, reparams in self.reparametrized.items():
+                for rp in reparams:
+                    if rp.form is Form.PARAMETRIZE:
+                        hook = self._capture_parametrization(module, rp.name)
+                        self._handles.append(module.parametrizations[rp.name].register_forward_hook(hook))
             self._handles.append(self.model.register_forward_hook(self._record_root))
             self._mode.__enter__()
         except BaseException:

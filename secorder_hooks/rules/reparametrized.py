@@ -96,7 +96,7 @@ class Reparametrization:
 def reparametrizations(module: nn.Module) -> tuple[Reparametrization, ...]:
     """The reparametrized tensors of ``module`` that depend on trainable parameters."""
     found = []
-    if parametrize.is_parametrized(module):
+    if _is_parametrized(module):
         for name, plist in module.parametrizations.items():
             originals = tuple(f"parametrizations.{name}.{k}" for k, p in plist.named_parameters() if p.requires_grad)
             if originals:
@@ -106,7 +106,9 @@ def reparametrizations(module: nn.Module) -> tuple[Reparametrization, ...]:
         if suffixes is None:
             continue
         originals = tuple(
-            hook.name + s for s in suffixes if (p := module._parameters.get(hook.name + s)) is not None and p.requires_grad
+            hook.name + s
+            for s in suffixes
+            if (p := module._parameters.get(hook.name + s)) is not None and p.requires_grad
         )
         if originals:
             found.append(Reparametrization(hook.name, originals, Form.HOOK, key))
@@ -120,10 +122,15 @@ def parametrization_modules(model: nn.Module) -> set[nn.Module]:
     """
     inside: set[nn.Module] = set()
     for module in model.modules():
-        if parametrize.is_parametrized(module):
+        if _is_parametrized(module):
             for plist in module.parametrizations.values():
                 inside.update(plist.modules())
     return inside
+
+
+def _is_parametrized(module: nn.Module) -> bool:
+    """``parametrize.is_parametrized`` by a dict lookup first (called for every module at each ``extend()``)."""
+    return "parametrizations" in module._modules and parametrize.is_parametrized(module)
 
 
 @contextmanager
@@ -188,7 +195,9 @@ def effective_values(
     return values
 
 
-def graph_hessian_diagonal(output: Tensor, wrt: Sequence[Tensor], r: Tensor, chunk: int = HESSIAN_CHUNK) -> list[Tensor]:
+def graph_hessian_diagonal(
+    output: Tensor, wrt: Sequence[Tensor], r: Tensor, chunk: int = HESSIAN_CHUNK
+) -> list[Tensor]:
     r"""Diagonal of :math:`\nabla^2_\theta (r^\top \mathrm{output}(\theta))` through ``output``'s autograd graph.
 
     Args:
@@ -288,8 +297,9 @@ class ReparametrizedRule(LayerRule):
     def own_hessian_term(
         self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor, per_example: bool
     ) -> ParamDict:
-        r"""Diagonal of :math:`\nabla^2_\theta (r^\top f(\theta))` per reparametrization, :math:`r = \partial L/\partial W`.
+        r"""The parametrizations' second derivatives :math:`\operatorname{diag} \nabla^2_\theta (r^\top f(\theta))`.
 
+        :math:`r = \partial L/\partial W` (per example :math:`r_n` if ``per_example``).
         ``grad_output`` is ``[N, *out]``. Exact for inner rules of modules affine in their
         parameters (every built-in rule); the Hessian of a module handled by the generic
         rule couples the entries of :math:`W` and raises.

@@ -129,7 +129,7 @@ def test_reentrant_first_order_is_exact(whole, reduction):
 @pytest.mark.parametrize("quantity", [*CURVATURE, sh.DiagGGNMC()], ids=lambda q: type(q).__name__)
 def test_reentrant_curvature_raises_with_the_remedy(quantity):
     model, x, y = make()
-    with pytest.raises(sh.ExtensionError, match="checkpointing with use_reentrant=True.*use_reentrant=False"):
+    with pytest.raises(sh.ExtensionError, match=r"checkpointing with use_reentrant=True.*use_reentrant=False"):
         run(model, x, y, "mean", "reentrant", quantity)
     for p in model.parameters():
         assert not hasattr(p, quantity.attribute)
@@ -145,7 +145,7 @@ def check_first_order_batch_only(model, x, y):
 
 def test_reentrant_parametrized_layer_raises_with_the_remedy():
     model, x, y = make(parametrized=True)
-    with pytest.raises(sh.ExtensionError, match="'block.0' has a parametrized tensor.*use_reentrant=False"):
+    with pytest.raises(sh.ExtensionError, match=r"'block.0' has a parametrized tensor.*use_reentrant=False"):
         run(model, x, y, "mean", "reentrant", sh.BatchGrad())
 
 
