@@ -46,7 +46,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
-from secorder_hooks.rules.base import LayerRule, ParamDict
+from secorder_hooks.rules.base import LayerRule, ParamDict, squared_norms, weighted_square_reduce
 
 __all__ = [
     "Form",
@@ -61,6 +61,11 @@ __all__ = [
 
 HESSIAN_CHUNK = 256
 """One-hot Hessian-vector products evaluated at once by :func:`graph_hessian_diagonal`."""
+
+VECTOR_ELEMENTS = 2**24
+"""Bound on the elements of the per-example gradients (``[v, N, *p]``, all parameters of the
+module) materialized at once by the reductions of :class:`ReparametrizedRule`; at least one
+vector's (``N`` gradients) is materialized, as for ``BatchGrad``."""
 
 _HOOK_ORIGINALS: dict[type, tuple[str, ...]] = {WeightNorm: ("_g", "_v"), SpectralNorm: ("_orig",)}
 """Deprecated reparametrization pre-hooks and the suffixes of the originals they read."""
@@ -293,6 +298,51 @@ class ReparametrizedRule(LayerRule):
             for name, p, g in zip(rp.originals, originals, mapped):
                 grads[name] = effective.new_zeros(*lead, *p.shape) if g is None else g.reshape(*lead, *p.shape)
         return grads
+
+    def _vector_slices(self, module: nn.Module, grad_output: Tensor | tuple[Tensor, ...]) -> list[slice]:
+        """Slices of the ``V`` vectors whose per-example gradients stay within :data:`VECTOR_ELEMENTS`."""
+        first = grad_output[0] if isinstance(grad_output, tuple) else grad_output
+        v, n = first.shape[:2]
+        per_vector = n * sum(p.numel() for p in self.parameters(module).values())
+        size = max(1, VECTOR_ELEMENTS // max(per_vector, 1))
+        return [slice(i, min(i + size, v)) for i in range(0, v, size)]
+
+    @staticmethod
+    def _take(grad_output: Tensor | tuple[Tensor, ...], s: slice) -> Tensor | tuple[Tensor, ...]:
+        return tuple(g[s] for g in grad_output) if isinstance(grad_output, tuple) else grad_output[s]
+
+    def weighted_squared_sum(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        weights: Tensor | None,
+        per_example: bool,
+    ) -> ParamDict:
+        r""":math:`\sum_v w_{vn} (g^{(v)}_n)^2` from :meth:`per_example_grads`, a slice of the vectors at a time.
+
+        Peak memory is about that of ``BatchGrad`` (``N`` gradients of all parameters)
+        instead of ``V`` times that.
+        """
+        total: ParamDict = {}
+        for s in self._vector_slices(module, grad_output):
+            grads = self.per_example_grads(module, inputs, self._take(grad_output, s))
+            w = None if weights is None else weights[s]
+            for name, g in grads.items():
+                part = weighted_square_reduce(g, w, per_example)
+                total[name] = part if name not in total else total[name].add_(part)
+        return total
+
+    def squared_norms(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
+        r""":math:`\|g^{(v)}_n\|^2`, ``[V, N]`` per parameter, a slice of the vectors at a time."""
+        parts = [
+            {
+                name: squared_norms(g)
+                for name, g in self.per_example_grads(module, inputs, self._take(grad_output, s)).items()
+            }
+            for s in self._vector_slices(module, grad_output)
+        ]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def own_hessian_term(
         self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor, per_example: bool

@@ -185,9 +185,11 @@ def test_the_engine_leaves_the_parametrization_state_alone(kind):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
-    assert [type(h) for h in model[0]._forward_pre_hooks.values()] == [
-        type(h) for h in plain[0]._forward_pre_hooks.values()
-    ]
+    for module, twin in zip(model.modules(), plain.modules()):  # the engine's hooks are gone, the model's kept
+        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks"):
+            assert [type(h) for h in getattr(module, hooks).values()] == [
+                type(h) for h in getattr(twin, hooks).values()
+            ]
 
 
 def test_parametrized_module_with_the_generic_rule():
@@ -210,3 +212,18 @@ def test_parametrized_module_with_the_generic_rule():
     assert_close(model, "diag_ggn_exact", reference.ggn_diagonal(model, loss_fn("sum"), x, y))
     with pytest.raises(sh.UnsupportedModuleError, match=r"reparametrized tensor 'weight'.*DiagGGNExact"):
         run(model, x, y, "sum", sh.DiagHessian())
+
+
+def test_reductions_in_slices_of_vectors_agree(monkeypatch):
+    """The reductions process a slice of the vectors at a time (bounded memory): one vector per slice agrees."""
+    from secorder_hooks.rules import reparametrized
+
+    quantities = (sh.SumGradSquared(), sh.BatchL2Grad(), sh.DiagGGNExact(), sh.BatchDiagHessian())
+    model, x, y = make("orthogonal", "conv")
+    run(model, x, y, "mean", *quantities)
+    before = [[getattr(p, q.attribute).clone() for q in quantities] for p in model.parameters()]
+    monkeypatch.setattr(reparametrized, "VECTOR_ELEMENTS", 1)
+    run(model, x, y, "mean", *quantities)
+    for values, p in zip(before, model.parameters()):
+        for value, q in zip(values, quantities):
+            torch.testing.assert_close(getattr(p, q.attribute), value, atol=1e-12, rtol=1e-10)
