@@ -40,11 +40,18 @@ def _legacy_weight_norm(module: nn.Module) -> None:
         torch.nn.utils.weight_norm(module)
 
 
+def _legacy_spectral_norm(module: nn.Module) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.nn.utils.spectral_norm(module)
+
+
 PARAMETRIZE = {
     "weight_norm": parametrizations.weight_norm,
     "spectral_norm": parametrizations.spectral_norm,
     "orthogonal": parametrizations.orthogonal,
     "legacy_weight_norm": _legacy_weight_norm,
+    "legacy_spectral_norm": _legacy_spectral_norm,
     "learned_scale": lambda m: parametrize.register_parametrization(m, "weight", LearnedScale()),
 }
 
@@ -113,7 +120,7 @@ def references(model, x, y, reduction):
 
 def assert_close(model, attribute, expected):
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert any("original" in n or n.endswith(("_g", "_v", ".s")) for n in names)
+    assert any("original" in n or n.endswith(("_g", "_v", "_orig", ".s")) for n in names)
     for name in names:
         torch.testing.assert_close(
             getattr(model.get_parameter(name), attribute), expected[name], atol=1e-10, rtol=1e-8, msg=name
@@ -174,7 +181,7 @@ def test_monte_carlo_fisher_is_unbiased(kind):
     assert ((samples.mean(0) - expected).abs() <= 5 * standard_error + 1e-12).all()
 
 
-@pytest.mark.parametrize("kind", ["spectral_norm", "legacy_weight_norm", "orthogonal"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "legacy_weight_norm", "legacy_spectral_norm", "orthogonal"])
 def test_the_engine_leaves_the_parametrization_state_alone(kind):
     """Rules read the weight the forward used: no second power iteration, no right_inverse, hooks restored."""
     model, x, y = make(kind, "linear")
