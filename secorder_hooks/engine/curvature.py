@@ -31,12 +31,13 @@ from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
 from secorder_hooks.engine.graph import REENTRANT_CHECKPOINT_ADVICE, only_input, reentrant_checkpoint
-from secorder_hooks.engine.loss_term import example_columns, rows_per_example, select_loss_term
+from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
+from secorder_hooks.engine.rows import RowMap, row_map, split_columns
 from secorder_hooks.engine.rowwise import block_columns, row_blocks
-from secorder_hooks.errors import ExtensionError, UnsupportedOperationError
+from secorder_hooks.errors import ExtensionError, UnsupportedLossError, UnsupportedOperationError
 from secorder_hooks.losses.base import LossTerm, SqrtColumns
 from secorder_hooks.quantities import (
     BatchDiagGGNExact,
@@ -47,7 +48,7 @@ from secorder_hooks.quantities import (
     Order,
     Quantity,
 )
-from secorder_hooks.rules.base import LayerRule, rule_for
+from secorder_hooks.rules.base import LayerRule, rule_for, weighted_square_reduce
 from secorder_hooks.rules.generic import rule_parameters
 
 if TYPE_CHECKING:
@@ -100,14 +101,16 @@ class CurvaturePlan:
     Args:
         session: The active session.
         term: The loss term of the loss being differentiated.
+        rows: The examples of the rows of the loss input.
         sites: Curved operations (only when a Hessian is requested).
     """
 
-    def __init__(self, session: Session, term: LossTerm, sites: list[CurvedSite]) -> None:
+    def __init__(self, session: Session, term: LossTerm, rows: RowMap, sites: list[CurvedSite]) -> None:
         self.session = session
         self.term = term
+        self.rows = rows
         self.sites = sites
-        self.batch_size = term.shape[0] // rows_per_example(term.edge, term.shape)
+        self.batch_size = rows.batch_size
 
     @classmethod
     def build(cls, session: Session, loss: Tensor) -> CurvaturePlan:
@@ -126,6 +129,15 @@ class CurvaturePlan:
                 f"use_reentrant=True. {REENTRANT_CHECKPOINT_ADVICE} First-order quantities work with either."
             )
         term = select_loss_term(session, loss)
+        rows = row_map(term.edge, term.shape, list(session.records))
+        wanted = [q for q in session.quantities if isinstance(q, _PER_EXAMPLE)]
+        if wanted and rows.example_units is not None:
+            raise UnsupportedLossError(
+                f"{type(wanted[0]).__name__}: rows of the loss input {term.name} (shape {tuple(term.shape)}) depend on "
+                f"several examples, through {rows.coupling} (e.g. a reshape that merges rows of different examples), "
+                "so the loss couples the examples and per-example curvature is undefined. Keep each row of the loss "
+                "input within one example, or request the total (DiagGGNExact, DiagHessian)."
+            )
         if any(isinstance(q, DiagGGNMC) for q in session.quantities) and not _can_sample(term):
             term.sample_sqrt_hessian(1)  # raises UnsupportedLossError naming the loss
         sites: list[CurvedSite] = []
@@ -136,7 +148,9 @@ class CurvaturePlan:
                 if _has_own_term(rule := rule_for(rec.module))
             ]
             sites = find_sites(term.edge.node, set(session.params), self_curved, session.param_names)
-        return cls(session, term, sites)
+        for site in sites:
+            _check_site_rows(site, rows)
+        return cls(session, term, rows, sites)
 
     def register_capture_hooks(self) -> list[RemovableHandle]:
         r"""Hooks capturing :math:`\partial L / \partial h` at every curved operation."""
@@ -152,16 +166,15 @@ class CurvaturePlan:
         ggn = None
         if any(q in quantities for q in (DiagGGNExact, BatchDiagGGNExact, *_HESSIAN)):
             ggn = Diagonals(per_example)
-            sqrt = example_columns(self.term, self.term.sqrt_hessian())
-            column_pass(contributions, (self.term.edge,), _split(sqrt, sqrt_chunk), records, ggn)
+            sqrt = split_columns(self.term.sqrt_hessian(), self.rows)
+            column_pass(contributions, (self.term.edge,), _split(sqrt, sqrt_chunk), records, ggn, self.rows.example_units)
         mc = None
         if DiagGGNMC in quantities:
             q = quantities[DiagGGNMC]
             mc = Diagonals(per_example=False)
             sampled = SqrtColumns(self.term.sample_sqrt_hessian(q.mc_samples, q.generator))
-            column_pass(
-                contributions, (self.term.edge,), _split(example_columns(self.term, sampled), sqrt_chunk), records, mc
-            )
+            blocks = _split(split_columns(sampled, self.rows), sqrt_chunk)
+            column_pass(contributions, (self.term.edge,), blocks, records, mc, self.rows.example_units)
         residual = None
         if any(q in quantities for q in _HESSIAN):
             residual = Diagonals(per_example)
@@ -362,15 +375,19 @@ def column_pass(
     blocks: Iterator[tuple[tuple[Tensor, ...], Tensor | None]],
     targets: Sequence[CallRecord],
     into: Diagonals,
+    units: Tensor | None = None,
 ) -> None:
     r"""Backpropagate column blocks and add :math:`\sum_v w_{vn} (g^{(v)}_n)^2` per parameter.
 
     Args:
         contributions: The contributing calls and their rules.
         sources: Gradient edges the columns start at.
-        blocks: ``(columns per source [V, *source], weights [V, N] or None)`` chunks.
+        blocks: ``(columns per source [V, *source], weights [V, U] or None)`` chunks.
         targets: The records the columns can reach.
-        into: Where to accumulate.
+        into: Where to accumulate (not per example if ``units`` is given).
+        units: ``[N]`` unit of each example: the per-example gradients are summed over
+            each unit before squaring (:math:`\sum_v w_{vu} (\sum_{n \in u} g^{(v)}_n)^2`);
+            ``None``: the units are the examples.
     """
     reached = {id(rec) for rec in targets}
     params = [(key, parts) for key, parts in contributions.by_param.items() if any(id(r) in reached for r, _ in parts)]
@@ -385,7 +402,12 @@ def column_pass(
 
         results = ColumnResults(contributions, grad_outputs, weights)
         for key, parts in params:
-            into.add(key, results.weighted_squared_sum(parts, into.per_example))
+            if units is None:
+                into.add(key, results.weighted_squared_sum(parts, into.per_example))
+                continue
+            g = results.per_example_grads(parts)  # [V, N, *p]
+            summed = g.new_zeros(g.shape[0], int(units.max()) + 1, *g.shape[2:]).index_add_(1, units.to(g.device), g)
+            into.add(key, weighted_square_reduce(summed, weights, per_example=False))
 
 
 def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) -> dict[int, Tensor]:
@@ -418,11 +440,12 @@ def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) 
         sqrt = term.sqrt_hessian()
     else:
         raise ExtensionError(f"curvature_from_outputs supports DiagGGNExact and DiagGGNMC, not {quantity!r}.")
-    sqrt = example_columns(term, sqrt)
+    rows = row_map(term.edge, term.shape, records)
+    sqrt = split_columns(sqrt, rows)
     session.records.paused = True
     try:
         chunk = _sqrt_chunk(records, session.options.column_chunk_size)
-        column_pass(contributions, (term.edge,), _split(sqrt, chunk), records, into)
+        column_pass(contributions, (term.edge,), _split(sqrt, chunk), records, into, rows.example_units)
     finally:
         session.records.paused = False
     return into.values
@@ -498,6 +521,21 @@ def _one_hot(weights: Tensor, size: int | None, product: bool) -> Iterator[tuple
             yield (torch.cat([cols, cols]), torch.cat([cols, -cols])), torch.cat([w, -w]) / 2
         else:
             yield (cols,), w
+
+
+def _check_site_rows(site: CurvedSite, rows: RowMap) -> None:
+    """Raise if a curved operation between the model output and the loss input acts on rows that are not the examples.
+
+    Its second-order term is weighted per row of its input, and the rules weight per example.
+    """
+    for source in site.sources:
+        if not rows.examples_on_rows(source):
+            raise UnsupportedOperationError(
+                f"the exact Hessian needs the second-order term of {type(site.node).__name__}, which acts on a tensor "
+                "between the model output and the loss input whose rows are not known to be the examples in order "
+                "(after a concatenation, slice, permutation or reshape of rows, or an operation the engine cannot "
+                "trace). Apply the operation before rearranging rows (inside the model), or use DiagGGNExact."
+            )
 
 
 def _diagonal_chain_end(x: Tensor | None) -> GradientEdge | None:

@@ -11,9 +11,7 @@ The curvature quantities need the Hessian of the loss :math:`L` with respect to 
   recognized loss call the loss depends on, or the model output, and the Hessian blocks
   come from autograd.
 
-:func:`example_columns` makes the columns per-example exact when :math:`f` is a
-flattened view of ``[N, T, ...]`` (e.g. ``logits.reshape(-1, C)`` for a sequence model):
-rows of one example then must not share a column.
+Which examples the rows of :math:`f` belong to is :mod:`secorder_hooks.engine.rows`' job.
 """
 
 from __future__ import annotations
@@ -21,22 +19,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from einops import rearrange
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from secorder_hooks.engine.graph import iter_nodes, leaf_variable
 from secorder_hooks.errors import UnsupportedLossError
 from secorder_hooks.losses.autograd import AutogradLossTerm
-from secorder_hooks.losses.base import LossTerm, SqrtColumns
+from secorder_hooks.losses.base import LossTerm
 from secorder_hooks.losses.factory import loss_term_from_call
 
 if TYPE_CHECKING:
     from secorder_hooks.engine.session import Session
 
-__all__ = ["select_loss_term", "example_columns", "rows_per_example"]
-
-_FLATTENING_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+__all__ = ["select_loss_term"]
 
 
 def select_loss_term(session: Session, loss: Tensor) -> LossTerm:
@@ -58,13 +53,17 @@ def select_loss_term(session: Session, loss: Tensor) -> LossTerm:
             _check_only_through(session, loss, term)
             return term
     reachable = set(iter_nodes(loss.grad_fn))
-    candidates = [(get_gradient_edge(c.input), c.input.shape) for c in calls if c.result.grad_fn in reachable]
-    if not candidates:
-        candidates = [
-            (forward.output_edge, forward.output_shape)
-            for forward in session.records.passes
-            if forward.output_edge.node in reachable
-        ]
+    candidates = _distinct(
+        [(get_gradient_edge(c.input), c.input.shape) for c in calls if c.result.grad_fn in reachable]
+    )
+    if len(candidates) != 1:  # none, or several loss calls (a sum of losses) on different functions of one output
+        candidates = _distinct(
+            [
+                (forward.output_edge, forward.output_shape)
+                for forward in session.records.passes
+                if forward.output_edge.node in reachable
+            ]
+        )
     if len(candidates) != 1:
         found = "no" if not candidates else f"{len(candidates)}"
         raise UnsupportedLossError(
@@ -76,6 +75,14 @@ def select_loss_term(session: Session, loss: Tensor) -> LossTerm:
     term = AutogradLossTerm(loss, edge, shape)
     _check_only_through(session, loss, term)
     return term
+
+
+def _distinct(candidates: list[tuple[GradientEdge, torch.Size]]) -> list[tuple[GradientEdge, torch.Size]]:
+    """``candidates`` without repeats of one graph value (the same gradient edge), in order."""
+    seen: dict[tuple[object, int], tuple[GradientEdge, torch.Size]] = {}
+    for edge, shape in candidates:
+        seen.setdefault((edge.node, edge.output_nr), (edge, shape))
+    return list(seen.values())
 
 
 def _check_only_through(session: Session, loss: Tensor, term: LossTerm) -> None:
@@ -90,47 +97,3 @@ def _check_only_through(session: Session, loss: Tensor, term: LossTerm) -> None:
                 f"({term.name}), e.g. through a penalty term. Curvature of such a loss is not block diagonal over "
                 "examples; add the penalty's curvature yourself after leaving extend()."
             )
-
-
-def rows_per_example(edge: GradientEdge, shape: torch.Size) -> int:
-    """How many rows along dim 0 of the tensor at ``edge`` belong to one example.
-
-    1, unless the tensor is a row-major flattening view of ``[N, T1, ..., *rest]`` to
-    ``[N * T1 * ..., *rest]``, as ``logits.reshape(-1, C)`` of a sequence model is.
-    """
-    node = edge.node
-    if type(node).__name__ not in _FLATTENING_VIEWS:
-        return 1
-    sizes = tuple(getattr(node, "_saved_self_sym_sizes", ()) or getattr(node, "_saved_self_sizes", ()))
-    rest = tuple(shape[1:])
-    for split in range(2, len(sizes)):
-        if sizes[split:] == rest and int(torch.Size(sizes[:split]).numel()) == shape[0]:
-            return shape[0] // sizes[0]
-    return 1
-
-
-def example_columns(term: LossTerm, sqrt: SqrtColumns) -> SqrtColumns:
-    r"""Columns whose per-example restrictions factor each example's Hessian block.
-
-    Columns of a loss term factor the Hessian block of every *row* of :math:`f`. When
-    ``T > 1`` rows belong to one example, column :math:`k` is split into ``T`` columns,
-    the ``t``-th keeping only row ``t`` of each example, so that the block of an example
-    (block diagonal over its rows) is factored without cross-row terms.
-
-    Args:
-        term: The loss term (its edge and shape locate the rows).
-        sqrt: ``[K, R, *rest]`` columns and ``[K, R]`` weights, ``R = N * T``.
-
-    Returns:
-        ``[K * T, R, *rest]`` columns and ``[K * T, N]`` weights (``None`` if none given).
-    """
-    t = rows_per_example(term.edge, term.shape)
-    if t == 1:
-        return sqrt
-    cols = rearrange(sqrt.columns, "k (n t) ... -> k n t ...", t=t)
-    eye = torch.eye(t, dtype=cols.dtype, device=cols.device).reshape(1, t, 1, t, *([1] * (cols.dim() - 3)))
-    split = rearrange(cols.unsqueeze(1) * eye, "k s n t ... -> (k s) (n t) ...")
-    weights = None
-    if sqrt.weights is not None:
-        weights = rearrange(sqrt.weights, "k (n t) -> (k t) n", t=t)
-    return SqrtColumns(split, weights)
