@@ -355,7 +355,7 @@ def _probe(edge: GradientEdge, shape: torch.Size, frontier: list[GradientEdge]) 
     rows, width = shape[0], prod(shape[1:])
     if not frontier:
         return torch.full((rows, 1), _NONE, dtype=torch.long), rows
-    sizes = [node._input_metadata[nr].shape[0] for node, nr in frontier]
+    sizes = [e.node._input_metadata[e.output_nr].shape[0] for e in frontier]
     n = max(sizes)
     meta = edge.node._input_metadata[edge.output_nr]
     generator = torch.Generator(device=meta.device).manual_seed(0)

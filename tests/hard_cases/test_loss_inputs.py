@@ -73,9 +73,13 @@ def _mse(shape: tuple[int, ...]) -> Callable[[Tensor, str], Tensor]:
 
 
 def _indefinite(rows: int) -> Callable[[Tensor, str], Tensor]:
-    """A loss the engine does not recognize, with an indefinite Hessian (negative column weights)."""
+    """A loss the engine does not recognize whose Hessian blocks are definite of a sign that varies by row.
+
+    The column weights (signs) must follow the rows to their examples.
+    """
     ce = _ce(rows)
-    return lambda f, reduction: 2 * ce(f, reduction) - 0.3 * f.square().sum(1).mean() + 0.1 * (f**3).sum()
+    signs = torch.where(torch.arange(rows) % 3 == 1, -1.0, 1.0).to(DTYPE)[:, None]
+    return lambda f, reduction: 2 * ce(f, reduction) + 0.5 * (signs * f.square()).sum() + 0.1 * (f**3).sum()
 
 
 def _cases() -> list[Case]:
