@@ -166,8 +166,8 @@ class CurvaturePlan:
         ggn = None
         if any(q in quantities for q in (DiagGGNExact, BatchDiagGGNExact, *_HESSIAN)):
             ggn = Diagonals(per_example)
-            sqrt = split_columns(self.term.sqrt_hessian(), self.rows)
-            column_pass(contributions, (self.term.edge,), _split(sqrt, sqrt_chunk), records, ggn, self.rows.example_units)
+            blocks = _split(split_columns(self.term.sqrt_hessian(), self.rows), sqrt_chunk)
+            column_pass(contributions, (self.term.edge,), blocks, records, ggn, self.rows.example_units)
         mc = None
         if DiagGGNMC in quantities:
             q = quantities[DiagGGNMC]

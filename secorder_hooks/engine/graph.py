@@ -14,6 +14,7 @@ __all__ = [
     "reached_parameters",
     "children",
     "only_input",
+    "saved_int",
     "reentrant_checkpoint",
     "REENTRANT_CHECKPOINT_ADVICE",
 ]
@@ -77,3 +78,20 @@ def reentrant_checkpoint(root: Node | None) -> Node | None:
         if getattr(node, "_forward_cls", None) is CheckpointFunction:
             return node
     return None
+
+
+def saved_int(node: Node, name: str) -> int | tuple[int, ...]:
+    """An integer attribute (or tuple of them) an autograd node saved, e.g. ``saved_int(node, "_saved_dim")``.
+
+    Nodes expose negative integers (``dim=-1``, ``x[-2:]``) as unsigned 64-bit values;
+    this gives them back their sign.
+    """
+    value = getattr(node, name)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signed(v) for v in value)
+    return _signed(value)
+
+
+def _signed(value: int) -> int:
+    value = int(value)
+    return value - 2**64 if value >= 2**63 else value

@@ -39,10 +39,11 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name
-from secorder_hooks.engine.graph import leaf_variable, only_input
+from secorder_hooks.engine.graph import leaf_variable, only_input, saved_int
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.losses.base import SqrtColumns
+from secorder_hooks.rules.generic import batch_layout_for
 
 __all__ = ["RowMap", "row_map", "split_columns"]
 
@@ -127,15 +128,13 @@ def row_map(edge: GradientEdge | None, shape: torch.Size, records: Sequence[Call
         shape: ``[R, *rest]``, its shape.
         records: The recorded calls (their outputs have the examples on dim 0).
     """
-    bases = {
-        (e.node, e.output_nr): out_shape
-        for rec in records
-        for e, out_shape in zip(rec.output_edges, rec.output_shapes)
-        if len(out_shape) > 0
-    }
+    bases = {(e.node, e.output_nr): (rec, i) for rec in records for i, e in enumerate(rec.output_edges)}
     rows = shape[0]
-    if edge is None or (edge.node, edge.output_nr) in bases:
-        n = rows if edge is None else bases[(edge.node, edge.output_nr)][0]
+    if edge is None:
+        return RowMap(torch.arange(rows), None, rows, identity=True)
+    key = (edge.node, edge.output_nr)
+    if key in bases and _example_axis(*bases[key]) == 0:  # the loss on a layer output: the fast path
+        n = bases[key][0].output_shapes[bases[key][1]][0]
         return RowMap(torch.arange(rows), None, n, identity=n == rows)
     walk = _Walk(bases)
     unverified: frozenset[Node] = frozenset()
@@ -143,9 +142,9 @@ def row_map(edge: GradientEdge | None, shape: torch.Size, records: Sequence[Call
         ids = walk.ids(edge.node, edge.output_nr).reshape(rows, -1)
         coupling = "the operations between the model output and the loss input"
         n = walk.batch_size if walk.batch_size is not None else rows
-    except _Unknown as unknown:
+    except _UntracedError as unknown:
         frontier, unverified = walk.frontier(edge.node)
-        ids, n = _probe(edge, shape, frontier)
+        ids, n = _probe(edge, shape, frontier, [walk.base(e) for e in frontier])
         coupling = f"{unknown.args[0]} between the model output and the loss input"
     units, example_units = _units(ids, n)
     identity = example_units is None and rows == n and bool((units == torch.arange(rows)).all())
@@ -191,7 +190,7 @@ def split_columns(sqrt: SqrtColumns, rows: RowMap) -> SqrtColumns:
     return SqrtColumns(cols, weights)
 
 
-class _Unknown(Exception):
+class _UntracedError(Exception):
     """An operation whose element mapping :class:`_Walk` does not know (its name as the argument)."""
 
 
@@ -203,7 +202,7 @@ class _Walk:
     each operation's forward to the ids of its inputs.
     """
 
-    def __init__(self, bases: dict[tuple[Node, int], torch.Size]) -> None:
+    def __init__(self, bases: dict[tuple[Node, int], tuple[CallRecord, int]]) -> None:
         self.bases = bases
         self.batch_size: int | None = None
         self._memo: dict[tuple[Node, int], Tensor] = {}
@@ -213,6 +212,11 @@ class _Walk:
         if key not in self._memo:
             self._memo[key] = self._compute(node, nr)
         return self._memo[key]
+
+    def base(self, edge: GradientEdge) -> tuple[torch.Size, int]:
+        """Shape and example axis of the recorded output at ``edge``."""
+        rec, index = self.bases[(edge.node, edge.output_nr)]
+        return rec.output_shapes[index], _example_axis(rec, index)
 
     def walked(self) -> dict[tuple[Node, int], Tensor]:
         """The ids computed so far, by ``(node, output_nr)``."""
@@ -240,9 +244,11 @@ class _Walk:
 
     def _compute(self, node: Node, nr: int) -> Tensor:
         if (node, nr) in self.bases:
-            size = self.bases[(node, nr)]
-            self.batch_size = max(self.batch_size or 0, size[0])
-            return torch.arange(size[0]).reshape(-1, *([1] * (len(size) - 1))).expand(size)
+            size, axis = self.base(GradientEdge(node, nr))
+            if axis >= len(size):  # no example axis: a function of all examples
+                return torch.full(size, _MIXED, dtype=torch.long)
+            self.batch_size = max(self.batch_size or 0, size[axis])
+            return _along(size, axis)
         name = node_name(node)
         var = leaf_variable(node)
         if var is not None:
@@ -250,83 +256,97 @@ class _Walk:
         try:
             out = torch.Size(node._input_metadata[nr].shape)
         except (AttributeError, IndexError, RuntimeError):
-            raise _Unknown(name) from None
+            raise _UntracedError(name) from None
         if name in _RESHAPES:
             return self._only(node).reshape(out)
         if name == "ExpandBackward0":
             return self._only(node).expand(out)
         if name == "PermuteBackward0":
-            return self._only(node).permute(*node._saved_dims)
+            return self._only(node).permute(*saved_int(node, "_saved_dims"))
         if name == "TransposeBackward0":
-            return self._only(node).transpose(node._saved_dim0, node._saved_dim1)
+            return self._only(node).transpose(saved_int(node, "_saved_dim0"), saved_int(node, "_saved_dim1"))
         if name == "TBackward0":
             return self._only(node).t()
         if name == "SliceBackward0":
             x = self._only(node)
-            index = (slice(None),) * (node._saved_dim % x.dim()) + (
-                slice(node._saved_start, node._saved_end, node._saved_step),
-            )
-            return x[index]
+            bounds = (saved_int(node, "_saved_start"), saved_int(node, "_saved_end"), saved_int(node, "_saved_step"))
+            return x[(slice(None),) * (saved_int(node, "_saved_dim") % x.dim()) + (slice(*bounds),)]
         if name == "SelectBackward0":
-            return self._only(node).select(node._saved_dim, node._saved_index)
+            return self._only(node).select(saved_int(node, "_saved_dim"), saved_int(node, "_saved_index"))
         if name == "IndexBackward0":
             x = self._only(node)
             return x[tuple(slice(None) if i is None else i.cpu() for i in node._saved_indices)]
         if name == "IndexSelectBackward0":
-            return self._only(node).index_select(node._saved_dim, node._saved_index.cpu())
+            return self._only(node).index_select(saved_int(node, "_saved_dim"), node._saved_index.cpu())
         if name in ("SplitBackward0", "SplitWithSizesBackward0"):
-            sizes = node._saved_split_size if name == "SplitBackward0" else list(node._saved_split_sizes)
-            return self._only(node).split(sizes, node._saved_dim)[nr]
+            sizes = saved_int(node, "_saved_split_size" if name == "SplitBackward0" else "_saved_split_sizes")
+            return self._only(node).split(sizes, saved_int(node, "_saved_dim"))[nr]
         if name == "UnbindBackward0":
-            return self._only(node).unbind(node._saved_dim)[nr]
+            return self._only(node).unbind(saved_int(node, "_saved_dim"))[nr]
         if name == "FlipBackward0":
-            return self._only(node).flip(node._saved_dims)
+            return self._only(node).flip(saved_int(node, "_saved_dims"))
         if name == "RollBackward0":
-            return self._only(node).roll(node._saved_shifts, node._saved_dims)
+            return self._only(node).roll(saved_int(node, "_saved_shifts"), saved_int(node, "_saved_dims"))
         if name in ("CatBackward0", "StackBackward0"):
             return self._join(node, name, out)
         if name in DIAGONAL and only_input(node) is not None:
             x = self._only(node)
             if x.shape != out:
-                raise _Unknown(name)
+                raise _UntracedError(name)
             return x
         if name in _BINARY:
-            parts = [torch.broadcast_to(x, out) for i in range(len(node.next_functions)) if (x := self._child(node, i)) is not None]
+            parts = [
+                torch.broadcast_to(x, out)
+                for i in range(len(node.next_functions))
+                if (x := self._child(node, i)) is not None
+            ]
             result = parts[0]
             for part in parts[1:]:
                 result = _merge(result, part)
             return result
         if name in _ALONG_DIM:
             x = self._only(node)
-            return _reduce(x, (node._saved_dim % x.dim(),), keepdim=True).expand(x.shape)
+            return _reduce(x, (saved_int(node, "_saved_dim") % x.dim(),), keepdim=True).expand(x.shape)
         if name in _REDUCTIONS:
             x = self._only(node)
-            dims = tuple(d % x.dim() for d in node._saved_dim)
+            dims = tuple(d % x.dim() for d in saved_int(node, "_saved_dim"))
             return _reduce(x, dims, keepdim=True).reshape(out)
-        raise _Unknown(name)
+        raise _UntracedError(name)
 
     def _only(self, node: Node) -> Tensor:
         index = only_input(node)
         if index is None:
-            raise _Unknown(node_name(node))
+            raise _UntracedError(node_name(node))
         x = self._child(node, index)
         assert x is not None
         return x
 
     def _join(self, node: Node, name: str, out: torch.Size) -> Tensor:
-        dim = node._saved_dim % len(out)
+        dim = saved_int(node, "_saved_dim") % len(out)
         parts = [self._child(node, i) for i in range(len(node.next_functions))]
         known = [p for p in parts if p is not None]
         if name == "StackBackward0":
             return torch.stack([torch.full_like(known[0], _NONE) if p is None else p for p in parts], dim)
         missing = sum(p is None for p in parts)
         if missing > 1:
-            raise _Unknown(f"{name} of several constant tensors")
+            raise _UntracedError(f"{name} of several constant tensors")
         if missing:
             rest = out[dim] - sum(p.shape[dim] for p in known)
             filler = torch.full((*out[:dim], rest, *out[dim + 1 :]), _NONE, dtype=torch.long)
             parts = [filler if p is None else p for p in parts]
         return torch.cat(parts, dim)
+
+
+def _example_axis(rec: CallRecord, index: int) -> int:
+    """The example axis of differentiable output ``index`` of a recorded call (its module's batch layout)."""
+    return batch_layout_for(rec.module).output_axes(rec.module, rec.inputs)[index]
+
+
+def _along(size: torch.Size, axis: int) -> Tensor:
+    """Ids ``0 .. size[axis] - 1`` along ``axis``, shaped ``size``."""
+    view = [1] * len(size)
+    view[axis] = size[axis]
+    return torch.arange(size[axis]).reshape(view).expand(size)
 
 
 def _merge(a: Tensor, b: Tensor) -> Tensor:
@@ -346,17 +366,18 @@ def _reduce(ids: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
     return torch.where(hi < 0, _NONE, lo).masked_fill(mixed, _MIXED)
 
 
-def _probe(edge: GradientEdge, shape: torch.Size, frontier: list[GradientEdge]) -> tuple[Tensor, int]:
+def _probe(
+    edge: GradientEdge, shape: torch.Size, frontier: list[GradientEdge], bases: list[tuple[torch.Size, int]]
+) -> tuple[Tensor, int]:
     """``([R, N] ids, N)``: example ``n`` in column ``n`` of row ``r`` where row ``r`` depends on it, else ``-1``.
 
     One vector-Jacobian product per row, with a random vector on that row, down to the
-    ``frontier`` (recorded layer outputs, examples on dim 0).
+    ``frontier`` (recorded layer outputs, with their shapes and example axes ``bases``).
     """
     rows, width = shape[0], prod(shape[1:])
     if not frontier:
         return torch.full((rows, 1), _NONE, dtype=torch.long), rows
-    sizes = [e.node._input_metadata[e.output_nr].shape[0] for e in frontier]
-    n = max(sizes)
+    n = max((size[axis] for size, axis in bases if axis < len(size)), default=1)
     meta = edge.node._input_metadata[edge.output_nr]
     generator = torch.Generator(device=meta.device).manual_seed(0)
     probe = torch.randn(rows, width, dtype=meta.dtype, device=meta.device, generator=generator)
@@ -367,9 +388,12 @@ def _probe(edge: GradientEdge, shape: torch.Size, frontier: list[GradientEdge]) 
         vectors = torch.zeros(stop - start, rows, width, dtype=meta.dtype, device=meta.device)
         vectors[torch.arange(stop - start), torch.arange(start, stop)] = probe[start:stop]
         grads = batched_grad([edge], frontier, [vectors.reshape(stop - start, *shape)])
-        for g, size in zip(grads, sizes):
-            if g is not None:
-                depends[start:stop, :size] |= (g.reshape(stop - start, size, -1) != 0).any(-1).cpu()
+        for g, (size, axis) in zip(grads, bases):
+            if g is not None and axis >= len(size):  # no example axis: a function of all examples
+                depends[start:stop] |= (g.reshape(stop - start, -1) != 0).any(-1, keepdim=True).cpu()
+            elif g is not None:
+                hit = (g.movedim(axis + 1, 1).reshape(stop - start, size[axis], -1) != 0).any(-1)
+                depends[start:stop, : size[axis]] |= hit.cpu()
     return torch.where(depends, torch.arange(n), _NONE), n
 
 

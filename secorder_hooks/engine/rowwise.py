@@ -24,6 +24,7 @@ from torch.autograd.graph import Node
 from torch.func import hessian, vmap
 
 from secorder_hooks.engine.curved_ops import node_name
+from secorder_hooks.engine.graph import saved_int
 
 __all__ = ["ROWWISE", "row_blocks", "block_columns", "instance_rows"]
 
@@ -31,10 +32,7 @@ ToInput = Callable[[Tensor], Tensor]
 
 
 def _dim(node: Node, ndim: int) -> int:
-    dim = int(node._saved_dim)
-    if dim >= 2**63:  # saved as unsigned
-        dim -= 2**64
-    return dim % ndim
+    return saved_int(node, "_saved_dim") % ndim
 
 
 def _moved(t: Tensor, dim: int) -> tuple[Tensor, ToInput]:

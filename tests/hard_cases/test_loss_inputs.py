@@ -58,6 +58,21 @@ def _mlp(out: int = C) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6), nn.Sigmoid(), nn.Linear(6, out)).to(DTYPE)
 
 
+class _GRU(nn.Module):
+    """A GRU (batch first) and a linear head; returns the sequence output or the last hidden state ``h[-1]``.
+
+    ``h`` is ``[layers, N, H]``: its examples are on dim 1 (the GRU's batch layout).
+    """
+
+    def __init__(self, hidden_state: bool) -> None:
+        super().__init__()
+        self.rnn, self.hidden_state = nn.GRU(4, 3, batch_first=True), hidden_state
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, h = self.rnn(x)
+        return h[-1] if self.hidden_state else out
+
+
 def _x(*shape: int) -> Tensor:
     return torch.randn(*shape, 4, dtype=DTYPE)
 
@@ -101,7 +116,13 @@ def _cases() -> list[Case]:
         Case("flipped_rows", _mlp(), (_x(N),), lambda o: o[0].flip(0), _indefinite(N)),
         Case("repeated_rows", _mlp(), (_x(N),), lambda o: o[0][torch.tensor([0, 2, 0, 1, 2])], _ce(5)),
         Case("time_major", _mlp(), (_x(N, T),), lambda o: o[0].transpose(0, 1).reshape(-1, C), _ce(T * N)),
-        Case("time_major_permute", _mlp(), (_x(N, T),), lambda o: o[0].permute(1, 0, 2).reshape(-1, C), _indefinite(T * N)),
+        Case(
+            "time_major_permute",
+            _mlp(),
+            (_x(N, T),),
+            lambda o: o[0].permute(1, 0, 2).reshape(-1, C),
+            _indefinite(T * N),
+        ),
         Case("batch_major", _mlp(), (_x(N, T),), lambda o: o[0].reshape(-1, C), _ce(T * N)),
         Case("split_rows", _mlp(2 * C), (_x(N),), lambda o: o[0].reshape(-1, C), _ce(2 * N)),
         Case("split_rows_view", _mlp(2 * C), (_x(N),), lambda o: o[0].view(N, 2, C).flatten(0, 1), _mse((2 * N, C))),
@@ -109,6 +130,16 @@ def _cases() -> list[Case]:
         Case("merge_rows", _mlp(), (_x(N),), lambda o: o[0].reshape(N // 2, 2 * C), _ce(N // 2, 2 * C), True),
         Case("merge_all_rows", _mlp(), (_x(N),), lambda o: o[0].view(-1)[None], _ce(1, N * C), True),
         Case("merge_rows_mse", _mlp(), (_x(N),), lambda o: o[0].reshape(N // 2, 2 * C), _mse((N // 2, 2 * C)), True),
+        Case("negative_slice", _mlp(), (_x(N),), lambda o: o[0][-3:], _ce(3)),
+        Case("sequence_last_step", _mlp(), (_x(N, T),), lambda o: o[0][:, -1], _indefinite(N)),
+        Case("gru_hidden_state", _GRU(True).to(DTYPE), (_x(N, T),), lambda o: o[0], _ce(N)),
+        Case(
+            "gru_time_major",
+            _GRU(False).to(DTYPE),
+            (_x(N, T),),
+            lambda o: o[0].transpose(0, 1).flatten(0, 1),
+            _ce(T * N),
+        ),
         # operations the graph walk does not know: the rows are probed numerically
         Case("untraced_within_rows", _mlp(), (_x(N),), lambda o: o[0].cumsum(1), _ce(N)),
         Case("untraced_then_flip", _mlp(), (_x(N),), lambda o: o[0].cumsum(1).flip(0), _indefinite(N)),
@@ -241,7 +272,7 @@ REFUSED = {
 def test_hessian_refuses_curved_operation_on_rearranged_rows(name: str) -> None:
     g, calls = REFUSED[name]
     case = Case(name, _mlp(), tuple(_x(N) for _ in range(calls)), g, _mse((calls * N, C)))
-    with pytest.raises(sh.UnsupportedOperationError, match="SigmoidBackward0.*rows are not known to be the examples"):
+    with pytest.raises(sh.UnsupportedOperationError, match=r"SigmoidBackward0.*rows are not known to be the examples"):
         _run(case, "mean", sh.DiagHessian())
     _run(case, "mean", sh.DiagGGNExact())  # the GGN does not need the second-order term
     _assert_close(case, "diag_ggn_exact", _ggn(case, "mean"))
@@ -254,7 +285,9 @@ def test_monte_carlo_fisher_in_expectation(name: str) -> None:
     _run(case, "mean", sh.DiagGGNMC(mc_samples=20000, generator=torch.Generator().manual_seed(0)))
     expected = _ggn(case, "mean")
     for name_, p in case.model.named_parameters():
-        torch.testing.assert_close(p.diag_ggn_mc, expected[name_], rtol=0.1, atol=1e-3 * float(expected[name_].abs().max()))
+        torch.testing.assert_close(
+            p.diag_ggn_mc, expected[name_], rtol=0.1, atol=1e-3 * float(expected[name_].abs().max())
+        )
 
 
 def test_standard_output_takes_the_fast_path() -> None:
