@@ -68,7 +68,8 @@ def select_loss_term(session: Session, loss: Tensor) -> LossTerm:
         raise UnsupportedLossError(
             f"curvature quantities need the loss as a function of one model output, but {found} candidate "
             "outputs (recognized loss calls or model outputs) feed this loss. Compute the loss from a single "
-            "forward pass with one standard loss function, or return a single tensor from the model."
+            "forward pass with one standard loss function, or return a single tensor from the model; for several "
+            "forward calls, take one loss of their concatenation (torch.cat of the outputs and of the targets)."
         )
     edge, shape = candidates[0]
     term = AutogradLossTerm(loss, edge, shape)

@@ -307,3 +307,22 @@ def _active_session():
     from secorder_hooks.engine.curvature import _active_session
 
     return _active_session()
+
+
+def test_separate_losses_of_two_forward_calls_raise() -> None:
+    """Curvature is taken with respect to one loss input: the error says to concatenate."""
+    model, x1, x2 = _mlp(), _x(N), _x(N)
+    ce1, ce2 = _ce(N), _ce(N)
+    with pytest.raises(sh.UnsupportedLossError, match="concatenation"), sh.extend(model, sh.DiagGGNExact()):
+        (ce1(model(x1), "mean") + ce2(model(x2), "mean")).backward()
+
+
+def test_probes_in_several_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numerical probing of untraced operations gives the same rows when split into batches of one row."""
+    from secorder_hooks.engine import rows
+
+    case = CASES["untraced_then_flip"]
+    monkeypatch.setattr(rows, "PROBE_ELEMENTS", 1)
+    _run(case, "sum", sh.DiagGGNExact(), sh.BatchDiagGGNExact())
+    _assert_close(case, "diag_ggn_exact", _ggn(case, "sum"))
+    _assert_close(case, "diag_ggn_exact_batch", _per_example(_ggn, case, "sum"))
