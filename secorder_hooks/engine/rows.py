@@ -358,7 +358,7 @@ def _merge(a: Tensor, b: Tensor) -> Tensor:
 def _reduce(ids: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
     """Ids of functions of all elements along ``dims``."""
     if ids.numel() == 0:
-        return ids.amax(dims, keepdim=keepdim) if all(ids.shape[d] for d in dims) else ids.sum(dims, keepdim=keepdim)
+        return ids.sum(dims, keepdim=keepdim).fill_(_NONE)
     valid = ids >= 0
     lo = ids.masked_fill(~valid, torch.iinfo(torch.long).max).amin(dims, keepdim=keepdim)
     hi = ids.masked_fill(~valid, _NONE).amax(dims, keepdim=keepdim)

@@ -326,3 +326,15 @@ def test_probes_in_several_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     _run(case, "sum", sh.DiagGGNExact(), sh.BatchDiagGGNExact())
     _assert_close(case, "diag_ggn_exact", _ggn(case, "sum"))
     _assert_close(case, "diag_ggn_exact_batch", _per_example(_ggn, case, "sum"))
+
+
+def test_units_link_examples_through_chains_of_rows() -> None:
+    """Rows linking 3-2, 2-1, 1-0 make one unit of examples 0..3; unreferenced example 4 gets its own."""
+    from secorder_hooks.engine.rows import _units
+
+    ids = torch.tensor([[3, 2], [5, -1], [2, 1], [1, 0], [-1, -1]])
+    units, example_units = _units(ids, 6)
+    assert example_units is not None
+    assert len(set(example_units[:4].tolist())) == 1
+    assert len(set(example_units.tolist())) == 3
+    assert units.tolist() == [example_units[0], example_units[5], example_units[0], example_units[0], -1]
