@@ -221,6 +221,7 @@ def _per_example(reference: Callable[..., dict[str, Tensor]], case: Case, reduct
 
 
 def _run(case: Case, reduction: str, *quantities: sh.Quantity) -> None:
+    case.model.zero_grad()  # a new accumulation: every test sees one backward pass
     with sh.extend(case.model, *quantities):
         loss = case.h(case.g([case.model(x) for x in case.inputs]), reduction)
         loss.backward()
