@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from secorder_hooks.engine.graph import iter_nodes, leaf_variable
 from secorder_hooks.errors import UnsupportedLossError

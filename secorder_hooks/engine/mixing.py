@@ -36,8 +36,8 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from secorder_hooks.engine.curved_ops import node_name
-from secorder_hooks.engine.loss_term import rows_per_example
 from secorder_hooks.engine.records import CallRecord
+from secorder_hooks.engine.rows import row_map
 from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.errors import UnsupportedOperationError
 from secorder_hooks.rules.generic import batch_layout_for
@@ -169,7 +169,8 @@ def mixes_examples(
 
     Args:
         edge: Gradient edge of the probed tensor, e.g. the model output ``f``.
-        shape: Its shape; ``rows_per_example`` rows of it belong to one example.
+        shape: Its shape; which examples its rows belong to is read by :func:`~secorder_hooks.engine.rows.row_map`
+            (rows that already couple examples, e.g. a reshape merging rows, are probed per group of examples).
         records: Calls whose outputs are probed (example axis from their batch layout).
         layout: A shape of the same size whose dim 0 holds the examples, if ``shape``'s does not
             (``[N, C, *rest]`` for instance norm's ``[1, N * C, *rest]``).
@@ -178,24 +179,30 @@ def mixes_examples(
     if not targets:
         return False
     probed = torch.Size(layout) if layout is not None else shape
-    t = 1 if layout is not None else rows_per_example(edge, shape)
-    n = probed[0] // t
+    if layout is not None:  # rows of the layout are the examples
+        row_units, example_units, n, examples_n = torch.arange(probed[0]), None, probed[0], probed[0]
+    else:
+        rows = row_map(edge, shape, records)
+        row_units, example_units, n, examples_n = rows.units, rows.example_units, rows.unit_count, rows.batch_size
     if n < 2:
         return False
     bits = max(1, math.ceil(math.log2(n)))
-    examples = torch.arange(n)
-    inside = torch.stack([((examples >> b) & 1) == side for b in range(bits) for side in (0, 1)])  # [2B, N]
+    units = torch.arange(n)
+    inside = torch.stack([((units >> b) & 1) == side for b in range(bits) for side in (0, 1)])  # [2B, U]
+    row_inside = inside[:, row_units.clamp_min(0)] & (row_units >= 0)  # [2B, R]
+    if example_units is not None:
+        inside = inside[:, example_units]  # [2B, N]
     dtype, device = records[0].output_kinds[0]
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(len(inside), *probed, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-    mask = inside.repeat_interleave(t, dim=1).to(device).reshape(len(inside), probed[0], *([1] * (len(probed) - 1)))
+    mask = row_inside.to(device).reshape(len(inside), probed[0], *([1] * (len(probed) - 1)))
     columns = (values * mask).reshape(len(inside), *shape)
     grads = batched_grad([edge], [rec.output_edges[i] for rec, i in targets], [columns])
     for (rec, i), g in zip(targets, grads):
         if g is None:
             continue
         axis = batch_layout_for(rec.module).output_axes(rec.module, rec.inputs)[i] + 1
-        if g.shape[axis] != n:
+        if g.shape[axis] != examples_n:
             continue
         g = g.movedim(axis, 1).abs().flatten(2).amax(-1)  # [2B, N]
         scale = g.max()

@@ -143,7 +143,14 @@ def _cases() -> list[Case]:
         # operations the graph walk does not know: the rows are probed numerically
         Case("untraced_within_rows", _mlp(), (_x(N),), lambda o: o[0].cumsum(1), _ce(N)),
         Case("untraced_then_flip", _mlp(), (_x(N),), lambda o: o[0].cumsum(1).flip(0), _indefinite(N)),
-        Case("untraced_across_rows", _mlp(), (_x(N),), lambda o: o[0].cumsum(0), _ce(N), True),
+        Case(
+            "untraced_across_rows",
+            _mlp(),
+            (_x(N),),
+            lambda o: o[0].reshape(N // 2, 2 * C).cumsum(1),
+            _ce(N // 2, 2 * C),
+            True,
+        ),
         # curved operations between the model output and the loss input, on rows that are the examples
         Case(
             "curved_before_cat",
