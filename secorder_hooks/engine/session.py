@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from secorder_hooks.engine.mode import EngineMode
 from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.records import GraphOwned, RecordStore
+from secorder_hooks.engine.sync import SyncOption, ddp_of, sync_group
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
@@ -54,9 +55,13 @@ class Session:
         model: The model whose trainable parameters receive the quantities.
         quantities: The quantities to compute in each backward pass.
         options: Engine options (chunking of curvature columns).
+        sync: Whether and over which process group to synchronize the quantities
+            (:data:`~secorder_hooks.engine.sync.SyncOption`).
     """
 
-    def __init__(self, model: nn.Module, quantities: Sequence[Quantity], options: EngineOptions) -> None:
+    def __init__(
+        self, model: nn.Module, quantities: Sequence[Quantity], options: EngineOptions, sync: SyncOption = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
         for q in quantities:
@@ -68,6 +73,10 @@ class Session:
         self.model = model
         self.quantities = tuple(quantities)
         self.options = options
+        self.ddp = ddp_of(model)
+        """The model if it is a ``DistributedDataParallel`` (its ``.grad`` are averaged over processes)."""
+        self.sync_group = sync_group(model, sync)
+        """The process group the quantities are synchronized over, or ``None``."""
         self.params: dict[int, nn.Parameter] = {}
         self.owners: dict[int, list[nn.Module]] = {}
         self.param_names: dict[int, str] = {}
