@@ -227,7 +227,7 @@ def _start_shards(session: Session, loss: Tensor, create_graph: bool) -> Shards 
             "loss.backward(create_graph=True) inside extend(..., sync=...): the all-reduce across processes is not "
             "differentiable. Pass sync=False, or differentiate without synchronizing."
         )
-    call = scaled_loss_call(loss, session.loss_calls, "extend()")
+    call = scaled_loss_call(loss, session.loss_call_of, "extend()")
     rec = next(iter(session.records))
     examples = example_count(rec.module, rec.inputs, rec.output_shapes)
     return Shards.start(session.sync_group, call, examples, loss.device)

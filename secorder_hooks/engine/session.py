@@ -38,6 +38,8 @@ class _LossEntry:
 
     call: LossCall
     result: weakref.ref[Tensor]
+    node_id: int = 0
+    """``id`` of the result's node (unique while the entry lives: the node owns it)."""
 
 
 @dataclass(eq=False)
@@ -168,7 +170,7 @@ class Session:
     # ----------------------------------------------------------------- loss calls
     def add_loss_call(self, call: LossCall) -> None:
         """Keep a recognized loss call for as long as its result's graph lives."""
-        entry = _LossEntry(replace(call, result=None), weakref.ref(call.result))  # type: ignore[arg-type]
+        entry = _LossEntry(replace(call, result=None), weakref.ref(call.result), id(call.result.grad_fn))  # type: ignore[arg-type]
         self._loss_calls.add(entry, call.result.grad_fn)
 
     @property
@@ -180,6 +182,13 @@ class Session:
             if result is not None:
                 calls.append(replace(entry.call, result=result))
         return calls
+
+    def loss_call_of(self, node: object) -> LossCall | None:
+        """The recognized loss call whose result's node is ``node`` (its result may be gone), or ``None``."""
+        for entry in self._loss_calls:
+            if entry.node_id == id(node):
+                return entry.call
+        return None
 
     # ----------------------------------------------------------------- hooks
     def _enter_module(self, module: nn.Module, args: tuple) -> None:

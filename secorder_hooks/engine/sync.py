@@ -12,7 +12,7 @@ of every summed tensor (per dtype and device) once they are all computed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
@@ -77,7 +77,9 @@ def sync_group(model: nn.Module, sync: SyncOption, caller: str = "extend()") -> 
     raise TypeError(f"{caller}: sync must be None, True, False or a torch.distributed ProcessGroup, got {sync!r}.")
 
 
-def scaled_loss_call(loss: Tensor, calls: Sequence[LossCall], caller: str = "sync") -> LossCall:
+def scaled_loss_call(
+    loss: Tensor, calls: Sequence[LossCall] | Callable[[object], LossCall | None], caller: str = "sync"
+) -> LossCall:
     """The recognized loss call of which ``loss`` is a constant multiple (``ce``, ``ce / k``, ``0.5 * ce``).
 
     The constant must be the same in every process (e.g. one over the number of
@@ -87,11 +89,12 @@ def scaled_loss_call(loss: Tensor, calls: Sequence[LossCall], caller: str = "syn
     Raises:
         ExtensionError: ``loss`` is anything else, so its reduction over the global batch is unknown.
     """
+    find = calls if callable(calls) else _finder(calls)
     node = loss.grad_fn
     while node is not None:
-        for call in calls:
-            if call.result.grad_fn is node:
-                return call
+        call = find(node)
+        if call is not None:
+            return call
         nexts = [fn for fn, _ in node.next_functions if fn is not None]
         name = type(node).__name__
         if name not in _CONSTANT_FACTORS or len(nexts) != 1 or node.next_functions[0][0] is None:
@@ -103,6 +106,13 @@ def scaled_loss_call(loss: Tensor, calls: Sequence[LossCall], caller: str = "syn
         "F.binary_cross_entropy_with_logits or their nn modules), possibly multiplied or divided by a constant "
         "that is the same in every process; this loss is not. Compute it so, or pass sync=False."
     )
+
+
+def _finder(calls: Sequence[LossCall]) -> Callable[[object], LossCall | None]:
+    def find(node: object) -> LossCall | None:
+        return next((call for call in calls if call.result is not None and call.result.grad_fn is node), None)
+
+    return find
 
 
 @dataclass
