@@ -8,6 +8,9 @@ BackPACK, so code written for BackPACK reads it unchanged.
 
 Like ``.grad``, the quantities accumulate over the backward passes run since ``.grad``
 was last reset (see :doc:`/conventions`); :class:`Accumulation` says how each one does.
+Each quantity also declares how its value on a batch follows from its values on shards
+of the batch (:class:`ShardScaling`), which data-parallel training needs
+(:doc:`/distributed`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ __all__ = [
     "Quantity",
     "Order",
     "Accumulation",
+    "ShardScaling",
     "BatchGrad",
     "SumGradSquared",
     "BatchL2Grad",
@@ -59,6 +63,34 @@ class Accumulation(enum.Enum):
     """The variance over all examples of the passes, from their running sums (``variance``)."""
 
 
+@dataclass(frozen=True)
+class ShardScaling:
+    r"""How the value of a quantity in one backward pass depends on the batch.
+
+    The value is :math:`T = c^k N^{-m} \sum_n q_n` (a sum over examples:
+    :attr:`~secorder_hooks.Accumulation.SUM`, and the sum of squares that :attr:`~secorder_hooks.Accumulation.VARIANCE`
+    keeps) or has the rows :math:`T_n = c^k N^{-m} q_n` (:attr:`~secorder_hooks.Accumulation.CONCATENATE`),
+    where :math:`q_n` depends on example :math:`n` alone, :math:`c` is the reduction factor
+    of the loss and :math:`N` the number of examples. Split the batch into shards
+    :math:`r` with factors :math:`c_r` and sizes :math:`N_r`: the batch's value is
+    :math:`T = \sum_r w_r T^{(r)}` (rows: :math:`T_n = w_r T^{(r)}_n` for :math:`n` in
+    shard :math:`r`) with
+
+    .. math::
+        w_r = (c / c_r)^k \, (N_r / N)^m,
+
+    where :math:`c / c_r = D_r / D` for ``reduction="mean"`` (:math:`D` the number of
+    averaged terms) and :math:`1` for ``"sum"``.
+
+    Attributes:
+        c_power: :math:`k`, the power of the reduction factor.
+        example_power: :math:`m`, the power of :math:`1/N` (1 for a mean over examples).
+    """
+
+    c_power: int
+    example_power: int = 0
+
+
 class Quantity:
     """Base class of the quantities; subclasses are small frozen dataclasses.
 
@@ -66,11 +98,23 @@ class Quantity:
         attribute: Name of the attribute written to each trainable parameter.
         order: Which backward passes the quantity needs.
         accumulation: How the values of successive backward passes combine.
+        shard_scaling: How the value of one pass combines over shards of its batch;
+            ``None`` for a quantity that does not declare it, which then cannot be
+            synchronized across processes (the engine raises instead of guessing).
     """
 
     attribute: ClassVar[str]
     order: ClassVar[Order]
     accumulation: ClassVar[Accumulation] = Accumulation.SUM
+    shard_scaling: ClassVar[ShardScaling | None] = None
+
+    def summed_shape(self, p: torch.Tensor) -> torch.Size:
+        """Shape of the value of one pass for parameter ``p`` when it is a sum (``p.shape``).
+
+        Used for a parameter that one process's shard does not reach while another's
+        does, so that every process contributes the same buffer layout.
+        """
+        return p.shape
 
 
 @dataclass(frozen=True)
@@ -83,6 +127,7 @@ class BatchGrad(Quantity):
     attribute: ClassVar[str] = "grad_batch"
     order: ClassVar[Order] = Order.FIRST
     accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
 
 
 @dataclass(frozen=True)
@@ -91,6 +136,7 @@ class SumGradSquared(Quantity):
 
     attribute: ClassVar[str] = "sum_grad_squared"
     order: ClassVar[Order] = Order.FIRST
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(2)
 
 
 @dataclass(frozen=True)
@@ -100,6 +146,7 @@ class BatchL2Grad(Quantity):
     attribute: ClassVar[str] = "batch_l2"
     order: ClassVar[Order] = Order.FIRST
     accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(2)
 
 
 @dataclass(frozen=True)
@@ -109,6 +156,7 @@ class Variance(Quantity):
     attribute: ClassVar[str] = "variance"
     order: ClassVar[Order] = Order.FIRST
     accumulation: ClassVar[Accumulation] = Accumulation.VARIANCE
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(2)
 
 
 @dataclass(frozen=True)
@@ -117,6 +165,7 @@ class DiagGGNExact(Quantity):
 
     attribute: ClassVar[str] = "diag_ggn_exact"
     order: ClassVar[Order] = Order.SECOND
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
 
 
 @dataclass(frozen=True)
@@ -126,6 +175,7 @@ class BatchDiagGGNExact(Quantity):
     attribute: ClassVar[str] = "diag_ggn_exact_batch"
     order: ClassVar[Order] = Order.SECOND
     accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
 
 
 @dataclass(frozen=True)
@@ -147,6 +197,7 @@ class DiagGGNMC(Quantity):
 
     attribute: ClassVar[str] = "diag_ggn_mc"
     order: ClassVar[Order] = Order.SECOND
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
@@ -159,6 +210,7 @@ class DiagHessian(Quantity):
 
     attribute: ClassVar[str] = "diag_h"
     order: ClassVar[Order] = Order.SECOND
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
 
 
 @dataclass(frozen=True)
@@ -168,3 +220,4 @@ class BatchDiagHessian(Quantity):
     attribute: ClassVar[str] = "diag_h_batch"
     order: ClassVar[Order] = Order.SECOND
     accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)

@@ -19,7 +19,9 @@ from secorder_hooks.core._engine import run_engine
 from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
 from secorder_hooks.core._fallback import logger as _logger
 from secorder_hooks.core._losses import NonStandardLossError, reduction_factor, single_loss_call, the_loss_call
+from secorder_hooks.core._sync import synchronized
 from secorder_hooks.core._validation import check_batch, check_scalar, zeros_like_all
+from secorder_hooks.engine.sync import SyncOption
 from secorder_hooks.quantities import BatchL2Grad, SumGradSquared
 
 __all__ = ["empirical_fisher"]
@@ -36,8 +38,22 @@ def empirical_fisher(
     trace: bool,
     create_graph: bool = False,
     caller: str = "empirical_fisher_diagonal",
+    sync: SyncOption = None,
 ) -> list[Tensor] | Tensor:
-    """Diagonal (aligned with ``model.parameters()``) or trace (0-dim) of the empirical Fisher."""
+    """Diagonal (aligned with ``model.parameters()``) or trace (0-dim) of the empirical Fisher.
+
+    ``sync`` as for :func:`~secorder_hooks.core.hessian_diagonal.model_hessian_diagonal` (global batch).
+    """
+
+    def compute(model: nn.Module, loss_fn: LossFn) -> list[Tensor] | Tensor:
+        return _empirical_fisher(model, loss_fn, inputs, targets, trace, create_graph, caller)
+
+    return synchronized(caller, model, loss_fn, sync, compute, create_graph)
+
+
+def _empirical_fisher(
+    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, trace: bool, create_graph: bool, caller: str
+) -> list[Tensor] | Tensor:
     args = check_batch(model, inputs, targets)
     params = list(model.parameters())
     if not create_graph and engine_supports(second_order=False):
@@ -52,7 +68,7 @@ def empirical_fisher(
                 FallbackWarning(
                     f"{caller}: the engine declined ({type(err).__name__}: {err}); using the generic path."
                 ),
-                stacklevel=3,
+                stacklevel=6,
             )
     _logger.debug("%s: generic path", caller)
     return _generic(model, loss_fn, args, targets, params, trace, create_graph)

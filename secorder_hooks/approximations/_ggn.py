@@ -16,12 +16,17 @@ from torch import Tensor, nn
 from secorder_hooks.approximations._generic import ggn_diagonal_from_columns
 from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
 from secorder_hooks.core._fallback import logger as _logger
-from secorder_hooks.errors import UnsupportedLossError
+from secorder_hooks.core._sync import sync_results, unwrap
+from secorder_hooks.engine.sync import SyncOption, sync_group
+from secorder_hooks.errors import ExtensionError, UnsupportedLossError
 from secorder_hooks.losses.base import LossInputError, LossTerm
+from secorder_hooks.losses.calls import LossCall, LossKind
 from secorder_hooks.losses.factory import LossType, loss_term_from_type
 from secorder_hooks.quantities import DiagGGNExact, DiagGGNMC, Quantity
 
 __all__ = ["LossShapeError", "generalized_fisher"]
+
+_CALL_KINDS = {LossType.NLL: LossKind.CROSS_ENTROPY, LossType.MSE: LossKind.MSE, LossType.BCE: LossKind.BCE_WITH_LOGITS}
 
 
 class LossShapeError(UnsupportedLossError, LossInputError):
@@ -42,10 +47,37 @@ def generalized_fisher(
     mc_samples: int | None,
     generator: torch.Generator | None,
     caller: str,
+    sync: SyncOption = None,
 ) -> list[Tensor]:
-    """Diagonal of the exact (or, with ``mc_samples``, Monte-Carlo) GGN, aligned with ``model.parameters()``."""
+    """Diagonal of the exact (or, with ``mc_samples``, Monte-Carlo) GGN, aligned with ``model.parameters()``.
+
+    With a process group from ``sync``, the diagonal of the global batch (:mod:`secorder_hooks.core._sync`).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}.")
+    group = sync_group(model, sync, caller)
+    if group is not None and create_graph:
+        raise ExtensionError(f"{caller}: create_graph=True cannot be synchronized across processes; pass sync=False.")
+    kind = LossType.parse(loss_type)
+    result = _generalized_fisher(model, outputs, targets, kind, create_graph, reduction, mc_samples, generator, caller)
+    if group is None:
+        return result
+    call = LossCall(_CALL_KINDS[kind], outputs, targets, {"reduction": reduction}, outputs)
+    return sync_results(result, call, outputs.shape[0], group)
+
+
+def _generalized_fisher(
+    model: nn.Module,
+    outputs: Tensor,
+    targets: Tensor,
+    loss_type: str | LossType,
+    create_graph: bool,
+    reduction: str,
+    mc_samples: int | None,
+    generator: torch.Generator | None,
+    caller: str,
+) -> list[Tensor]:
+    model = unwrap(model)
     kind = LossType.parse(loss_type)
     if mc_samples is not None and (isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1):
         raise ValueError(f"{caller}: mc_samples must be a positive int or None, got {mc_samples!r}.")
@@ -76,7 +108,7 @@ def generalized_fisher(
                 FallbackWarning(
                     f"{caller}: the engine declined ({type(err).__name__}: {err}); using the generic path."
                 ),
-                stacklevel=3,
+                stacklevel=4,
             )
             found = None
         if found is not None:

@@ -18,12 +18,15 @@ from torch import Tensor, nn
 from secorder_hooks.approximations._empirical import LossFn, empirical_fisher
 from secorder_hooks.approximations._ggn import generalized_fisher
 from secorder_hooks.core._validation import Inputs
+from secorder_hooks.engine.sync import SyncOption
 from secorder_hooks.losses.factory import LossType
 
 __all__ = ["empirical_fisher_diagonal", "generalized_fisher_diagonal"]
 
 
-def empirical_fisher_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor) -> list[Tensor]:
+def empirical_fisher_diagonal(
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor, *, sync: SyncOption = None
+) -> list[Tensor]:
     r"""Exact diagonal of the empirical Fisher :math:`c \sum_n \nabla_\theta \ell_n \odot \nabla_\theta \ell_n`.
 
     One backward pass of the hook engine with :class:`~secorder_hooks.SumGradSquared`
@@ -48,6 +51,10 @@ def empirical_fisher_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Inputs,
             the model output; its reduction sets :math:`c`.
         inputs: Model input ``[N, ...]`` (or a tuple of positional inputs).
         targets: Targets ``[N, ...]`` as the loss expects them.
+        sync: Data-parallel training: the result of the global batch of all processes
+            (``None``: if ``model`` is a ``DistributedDataParallel``; ``True`` or a process
+            group: always; ``False``: this process's batch), as for
+            :func:`~secorder_hooks.core.hessian_diagonal.model_hessian_diagonal`.
 
     Returns:
         Aligned with ``list(model.parameters())``, one tensor per parameter, of its shape
@@ -59,7 +66,7 @@ def empirical_fisher_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Inputs,
         UnsupportedLossError: ``loss_fn`` is not one standard loss (the reduction factor,
             hence the scale, would be unknown).
     """
-    return empirical_fisher(model, loss_fn, inputs, targets, trace=False, caller="empirical_fisher_diagonal")
+    return empirical_fisher(model, loss_fn, inputs, targets, trace=False, caller="empirical_fisher_diagonal", sync=sync)
 
 
 def generalized_fisher_diagonal(
@@ -72,6 +79,7 @@ def generalized_fisher_diagonal(
     reduction: str = "mean",
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
+    sync: SyncOption = None,
 ) -> list[Tensor]:
     r"""Exact diagonal of the generalized Fisher (GGN) for the likelihood ``loss_type``.
 
@@ -114,6 +122,10 @@ def generalized_fisher_diagonal(
         reduction: ``"mean"`` (default, as the other functions' losses) or ``"sum"``: sets :math:`c`.
         mc_samples: If given, the number of Monte-Carlo samples per example.
         generator: Random generator for the Monte-Carlo samples.
+        sync: Data-parallel training: the result of the global batch of all processes
+            (``None``: if ``model`` is a ``DistributedDataParallel``; ``True`` or a process
+            group: always; ``False``: this process's batch), as for
+            :func:`~secorder_hooks.core.hessian_diagonal.model_hessian_diagonal`.
 
     Returns:
         Aligned with ``list(model.parameters())``, one tensor per parameter, of its shape
@@ -135,4 +147,5 @@ def generalized_fisher_diagonal(
         mc_samples,
         generator,
         "generalized_fisher_diagonal",
+        sync,
     )

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from secorder_hooks.approximations._empirical import LossFn, empirical_fisher
 from secorder_hooks.approximations._ggn import generalized_fisher
 from secorder_hooks.core._validation import Inputs
+from secorder_hooks.engine.sync import SyncOption
 from secorder_hooks.losses.factory import LossType
 
 __all__ = ["empirical_fisher_trace", "generalized_fisher_trace"]
@@ -26,7 +27,7 @@ def _check_num_samples(num_samples: int) -> None:
 
 
 def empirical_fisher_trace(
-    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor, num_samples: int = 1
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor, num_samples: int = 1, *, sync: SyncOption = None
 ) -> Tensor:
     r"""Exact trace of the empirical Fisher, :math:`c \sum_n \|\nabla_\theta \ell_n\|^2`.
 
@@ -51,6 +52,10 @@ def empirical_fisher_trace(
         inputs: Model input ``[N, ...]`` (or a tuple of positional inputs).
         targets: Targets ``[N, ...]``.
         num_samples: Accepted for compatibility; unused by the exact computation.
+        sync: Data-parallel training: the result of the global batch of all processes
+            (``None``: if ``model`` is a ``DistributedDataParallel``; ``True`` or a process
+            group: always; ``False``: this process's batch), as for
+            :func:`~secorder_hooks.core.hessian_diagonal.model_hessian_diagonal`.
 
     Returns:
         0-dim tensor.
@@ -59,7 +64,7 @@ def empirical_fisher_trace(
         ValueError: ``num_samples < 1`` and the bad inputs of ``empirical_fisher_diagonal``.
     """
     _check_num_samples(num_samples)
-    return empirical_fisher(model, loss_fn, inputs, targets, trace=True, caller="empirical_fisher_trace")
+    return empirical_fisher(model, loss_fn, inputs, targets, trace=True, caller="empirical_fisher_trace", sync=sync)
 
 
 def generalized_fisher_trace(
@@ -73,6 +78,7 @@ def generalized_fisher_trace(
     reduction: str = "mean",
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
+    sync: SyncOption = None,
 ) -> Tensor:
     r"""Exact trace of the generalized Fisher (GGN), :math:`\operatorname{tr}(c \sum_n J_n^\top H_n J_n)`.
 
@@ -99,6 +105,10 @@ def generalized_fisher_trace(
         reduction: ``"mean"`` or ``"sum"``.
         mc_samples: If given, a Monte-Carlo estimate with that many samples per example.
         generator: Random generator for the Monte-Carlo samples.
+        sync: Data-parallel training: the result of the global batch of all processes
+            (``None``: if ``model`` is a ``DistributedDataParallel``; ``True`` or a process
+            group: always; ``False``: this process's batch), as for
+            :func:`~secorder_hooks.core.hessian_diagonal.model_hessian_diagonal`.
 
     Returns:
         0-dim tensor.
@@ -108,7 +118,8 @@ def generalized_fisher_trace(
         NotImplementedError: Unknown ``loss_type`` or unsupported shapes.
     """
     _check_num_samples(num_samples)
+    caller = "generalized_fisher_trace"
     diag = generalized_fisher(
-        model, outputs, targets, loss_type, create_graph, reduction, mc_samples, generator, "generalized_fisher_trace"
+        model, outputs, targets, loss_type, create_graph, reduction, mc_samples, generator, caller, sync
     )
     return sum((d.sum() for d in diag), outputs.new_zeros(()).detach())

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from secorder_hooks.errors import UnsupportedLossError
-from secorder_hooks.losses.calls import LOSS_FUNCTIONS, LossCall, LossKind, make_loss_call
+from secorder_hooks.losses.calls import LOSS_FUNCTIONS, LossCall, LossKind, averaged_terms, make_loss_call
 
 __all__ = [
     "NonStandardLossError",
@@ -115,14 +115,7 @@ def reduction_factor(call: LossCall) -> float:
         raise ValueError(
             f"loss_fn must reduce to a scalar with reduction 'mean' or 'sum', got reduction={reduction!r}."
         )
-    x, y = call.input, call.target
-    if call.kind not in _CATEGORICAL or y.is_floating_point():
-        count = float(x.numel() if call.kind not in _CATEGORICAL else x.numel() // x.shape[1])
-    else:
-        keep = y != call.options.get("ignore_index", -100)
-        weight = call.options.get("weight")
-        weighted = keep if weight is None else weight[y.clamp(0, weight.numel() - 1)] * keep
-        count = float(weighted.sum())
+    count = averaged_terms(call)
     if count == 0:
         raise ValueError("every target is ignored (ignore_index), so the mean loss and its curvature are undefined.")
     return 1.0 / count

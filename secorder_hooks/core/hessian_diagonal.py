@@ -22,6 +22,7 @@ from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarnin
 from secorder_hooks.core._fallback import logger as _logger
 from secorder_hooks.core._losses import record_loss_calls
 from secorder_hooks.core._progress import progress_bar
+from secorder_hooks.core._sync import synchronized
 from secorder_hooks.core._validation import (
     Inputs,
     check_batch,
@@ -30,6 +31,7 @@ from secorder_hooks.core._validation import (
     check_vectors,
     zeros_like_all,
 )
+from secorder_hooks.engine.sync import SyncOption
 from secorder_hooks.engine.vjp import batched_grad
 
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
@@ -140,6 +142,8 @@ def model_hessian_diagonal(
     targets: Tensor,
     create_graph: bool = False,
     strict: bool = False,
+    *,
+    sync: SyncOption = None,
 ) -> list[Tensor]:
     r"""Exact diagonal of the Hessian of ``loss_fn(model(inputs), targets)`` for every parameter.
 
@@ -168,6 +172,11 @@ def model_hessian_diagonal(
         create_graph: Make the result differentiable.
         strict: If ``True``, parameters that do not require grad or do not influence
             the loss raise instead of getting zeros.
+        sync: Data-parallel training (:doc:`/distributed`): ``None`` (default) returns the
+            diagonal of the global batch if ``model`` is a ``DistributedDataParallel``
+            (over its process group), ``True`` or a process group for any model, ``False``
+            that of this process's batch. Synchronizing needs ``loss_fn`` to return one
+            standard loss (times a constant).
 
     Returns:
         Aligned with ``list(model.parameters())``, one tensor per parameter, of its shape.
@@ -175,7 +184,18 @@ def model_hessian_diagonal(
     Raises:
         ValueError: Mismatched or empty batches, targets that do not fit a standard loss,
             a non-scalar loss, or (``strict``) a parameter without influence.
+        ExtensionError: ``sync`` with ``create_graph=True`` or a non-standard loss.
     """
+
+    def compute(model: nn.Module, loss_fn: LossFn) -> list[Tensor]:
+        return _model_hessian_diagonal(model, loss_fn, inputs, targets, create_graph, strict)
+
+    return synchronized("model_hessian_diagonal", model, loss_fn, sync, compute, create_graph)
+
+
+def _model_hessian_diagonal(
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor, create_graph: bool, strict: bool
+) -> list[Tensor]:
     args = check_batch(model, inputs, targets)
     params = list(model.parameters())
     check_params(params, strict)
@@ -190,7 +210,7 @@ def model_hessian_diagonal(
                     f"model_hessian_diagonal: the engine declined ({type(err).__name__}: {err}); "
                     "using the exact generic path (vectorized Hessian-vector products), which is slower."
                 ),
-                stacklevel=2,
+                stacklevel=5,
             )
     _logger.debug("model_hessian_diagonal: generic path")
 

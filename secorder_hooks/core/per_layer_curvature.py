@@ -20,8 +20,10 @@ from torch import Tensor, nn
 
 from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
 from secorder_hooks.core._fallback import logger as _logger
+from secorder_hooks.core._sync import synchronized, unwrap
 from secorder_hooks.core._validation import Inputs, check_batch
 from secorder_hooks.core.hessian_diagonal import model_hessian_diagonal
+from secorder_hooks.engine.sync import SyncOption, sync_group
 
 __all__ = ["FisherType", "per_layer_hessian_diagonal", "per_layer_fisher_diagonal", "get_layer_curvature_stats"]
 
@@ -91,6 +93,8 @@ def per_layer_hessian_diagonal(
     targets: Tensor,
     layer_types: LayerTypes = None,
     create_graph: bool = False,
+    *,
+    sync: SyncOption = None,
 ) -> dict[str, Tensor]:
     r"""Exact Hessian diagonal of the loss, grouped by layer.
 
@@ -113,6 +117,10 @@ def per_layer_hessian_diagonal(
         targets: Targets ``[N, ...]``.
         layer_types: Module classes to report (``isinstance``); default ``(nn.Linear, nn.Conv2d)``.
         create_graph: Make the result differentiable.
+        sync: Data-parallel training: the blocks of the global batch of all processes
+            (``None``: if ``model`` is a ``DistributedDataParallel``, whose wrapped module's
+            names key the result; ``True`` or a process group: always; ``False``: this
+            process's batch), as for :func:`~secorder_hooks.core.hessian_diagonal.model_hessian_diagonal`.
 
     Returns:
         For each selected module with parameters, keyed by its qualified name in
@@ -120,11 +128,14 @@ def per_layer_hessian_diagonal(
         and concatenated in registration order (zeros for parameters that do not require
         grad).
     """
+    group = sync_group(model, sync, "per_layer_hessian_diagonal") or False  # resolved once, on the wrapper
+    model = unwrap(model)
     check_batch(model, inputs, targets)
     layers = _select_layers(model, layer_types)
     if not layers:
         return {}
-    return _regroup(model, layers, model_hessian_diagonal(model, loss_fn, inputs, targets, create_graph=create_graph))
+    diag = model_hessian_diagonal(model, loss_fn, inputs, targets, create_graph=create_graph, sync=group)
+    return _regroup(model, layers, diag)
 
 
 def per_layer_fisher_diagonal(
@@ -138,6 +149,7 @@ def per_layer_fisher_diagonal(
     *,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    sync: SyncOption = None,
 ) -> dict[str, Tensor]:
     r"""Fisher diagonal of the loss, grouped by layer.
 
@@ -169,6 +181,10 @@ def per_layer_fisher_diagonal(
         fisher_type: ``"empirical"``, ``"exact"`` or ``"mc"``.
         mc_samples: Samples per example for ``"mc"``.
         generator: Random generator for ``"mc"``.
+        sync: Data-parallel training: the blocks of the global batch of all processes
+            (``None``: if ``model`` is a ``DistributedDataParallel``, whose wrapped module's
+            names key the result; ``True`` or a process group: always; ``False``: this
+            process's batch), as for :func:`~secorder_hooks.core.hessian_diagonal.model_hessian_diagonal`.
 
     Returns:
         As :func:`per_layer_hessian_diagonal`.
@@ -177,6 +193,9 @@ def per_layer_fisher_diagonal(
         ValueError: Unknown ``fisher_type`` and the bad inputs of the underlying functions.
     """
     kind = FisherType.parse(fisher_type)
+    caller = "per_layer_fisher_diagonal"
+    group = sync_group(model, sync, caller) or False  # resolved once, on the wrapper
+    model = unwrap(model)
     args = check_batch(model, inputs, targets)
     layers = _select_layers(model, layer_types)
     if not layers:
@@ -185,10 +204,14 @@ def per_layer_fisher_diagonal(
         from secorder_hooks.approximations._empirical import empirical_fisher
 
         diag = empirical_fisher(
-            model, loss_fn, inputs, targets, trace=False, create_graph=create_graph, caller="per_layer_fisher_diagonal"
+            model, loss_fn, inputs, targets, trace=False, create_graph=create_graph, caller=caller, sync=group
         )
     else:
-        diag = _ggn_for_loss(model, loss_fn, args, targets, kind, create_graph, mc_samples, generator)
+
+        def compute(model: nn.Module, loss_fn: LossFn) -> list[Tensor]:
+            return _ggn_for_loss(model, loss_fn, args, targets, kind, create_graph, mc_samples, generator)
+
+        diag = synchronized(caller, model, loss_fn, group, compute, create_graph)
     return _regroup(model, layers, diag)
 
 
@@ -220,7 +243,7 @@ def _ggn_for_loss(
                     f"per_layer_fisher_diagonal: the engine declined ({type(err).__name__}: {err}); "
                     "using the generic path."
                 ),
-                stacklevel=3,
+                stacklevel=5,
             )
     _logger.debug("per_layer_fisher_diagonal: generic path")
     from secorder_hooks.core._generic_ggn import generic_ggn_for_loss

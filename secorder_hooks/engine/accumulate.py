@@ -127,12 +127,16 @@ class PassValues:
 
     Attributes:
         values: Parameter id -> quantity type -> value of this pass.
-        examples: Number of examples ``N`` of this pass (``0`` until set).
+        examples: Number of examples ``N`` of this pass (``0`` until set): the rows of
+            its per-example values.
+        summed_examples: Number of examples the sums run over when they are those of more
+            examples than this process's rows (synchronized across processes), else ``None``.
     """
 
     def __init__(self) -> None:
         self.values: dict[int, dict[type[Quantity], Tensor]] = {}
         self.examples = 0
+        self.summed_examples: int | None = None
 
     def put(self, key: int, quantity: type[Quantity], value: Tensor) -> None:
         """Set the value of ``quantity`` for parameter ``key`` in this pass."""
@@ -206,6 +210,10 @@ class Window:
         examples = {key: states[key].examples if key in continued else before for key in params}
         return cls(session, status, examples)
 
+    def continued(self) -> list[int]:
+        """The parameters whose window this pass continues."""
+        return [key for key, status in self.status.items() if status is _Status.CONTINUED]
+
     def commit(self, values: PassValues, grads: dict[int, Tensor]) -> None:
         """Combine this pass's ``values`` with the window's and write them to the parameters.
 
@@ -237,7 +245,8 @@ class Window:
                     result = _concatenate(old, value, before, values.examples)
                 else:
                     square_sum = _add(state.square_sum if state is not None else None, value)
-                    result = None if square_sum is None else _variance(square_sum, grads.get(key), total)
+                    n = total if values.summed_examples is None else before + values.summed_examples
+                    result = None if square_sum is None else _variance(square_sum, grads.get(key), n)
                 if result is None:
                     if hasattr(p, q.attribute):
                         delattr(p, q.attribute)

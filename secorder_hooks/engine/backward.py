@@ -9,7 +9,9 @@
 4. First-order quantities are assembled from the captured output gradients; curvature
    quantities run their column passes. Both give the values of this pass, which
    :mod:`secorder_hooks.engine.accumulate` combines with the earlier passes ``.grad``
-   holds and writes to the parameters.
+   holds and writes to the parameters; when synchronizing across processes
+   (:mod:`secorder_hooks.engine.sync`), the values of this pass first become those of
+   its global batch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from secorder_hooks.engine.graph import (
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
 from secorder_hooks.engine.residuals import internal_nodes
+from secorder_hooks.engine.sync import synchronize
 from secorder_hooks.errors import ExtensionError, SecorderError
 from secorder_hooks.quantities import Order, Variance
 from secorder_hooks.rules.generic import GenericRule, example_count
@@ -37,6 +40,7 @@ from secorder_hooks.rules.generic import GenericRule, example_count
 if TYPE_CHECKING:
     from secorder_hooks.engine.curvature import CurvaturePlan
     from secorder_hooks.engine.session import Session
+    from secorder_hooks.engine.sync import Shards
 
 __all__ = ["run_backward"]
 
@@ -72,19 +76,22 @@ def run_backward(
     second_order = [q for q in session.quantities if q.order is Order.SECOND]
     plan = CurvaturePlan.build(session, loss) if second_order else None
     window = Window.open(session)
+    shards = _start_shards(session, loss, create_graph)
 
     # Which parameters this pass reaches, and their gradient of this pass, are read off ``.grad``
     # afterwards: a new ``.grad`` tensor, or an in-place accumulation into the old one (its version
     # counter moves). A tensor hook is needed only for the gradient of this pass of a parameter that
     # already has a ``.grad`` (Variance without accumulation; with it, Variance uses all of ``.grad``);
-    # hooks on the others would make AccumulateGrad copy.
+    # hooks on the others would make AccumulateGrad copy. Under DistributedDataParallel, ``.grad`` holds
+    # the average over processes (also for parameters this process's forward did not use): hooks on every
+    # parameter tell what this pass reached and its own gradients.
     before = {key: (p.grad, p.grad._version if p.grad is not None else 0) for key, p in params.items()}
     param_grads: dict[int, Tensor] = {}
     wants_grads = any(isinstance(q, Variance) for q in session.quantities) and not session.options.accumulate
     handles = [
         p.register_hook(_store_into(param_grads, key))
         for key, p in params.items()
-        if wants_grads and before[key][0] is not None
+        if session.ddp is not None or (wants_grads and before[key][0] is not None)
     ]
     misuse_fired: list[str] = []
     handles += [node.register_prehook(_flag(misuse_fired, name)) for name, node in _misuse_nodes(session)]
@@ -102,7 +109,7 @@ def run_backward(
             session.records.capturing = False
             for handle in handles:
                 handle.remove()
-        _quantities(session, plan, window, misuse_fired, before, param_grads, retain_graph, create_graph)
+        _quantities(session, plan, window, shards, misuse_fired, before, param_grads, retain_graph, create_graph)
     except BaseException:
         window.abandon()  # .grad may have changed: what the parameters hold would no longer match it
         raise
@@ -112,6 +119,7 @@ def _quantities(
     session: Session,
     plan: CurvaturePlan | None,
     window: Window,
+    shards: Shards | None,
     misuse_fired: list[str],
     before: dict[int, tuple[Tensor | None, int]],
     param_grads: dict[int, Tensor],
@@ -134,8 +142,17 @@ def _quantities(
             f"use_reentrant=True. {REENTRANT_CHECKPOINT_ADVICE}"
         )
     contributions = Contributions.collect(session)
-    reached = _reached(params, before)
-    if session.options.accumulate:
+    ddp = session.ddp is not None
+    reached = list(param_grads) if ddp else _reached(params, before)
+    if (ddp or shards is not None) and any(isinstance(q, Variance) for q in session.quantities) and window.continued():
+        raise ExtensionError(
+            "Variance over several backward passes (an accumulation) cannot be combined under "
+            "DistributedDataParallel or across processes: .grad is not the sum of the global batch's per-example "
+            "gradients. Call zero_grad() before each backward pass inside extend(), or pass accumulate=False."
+        )
+    if ddp:
+        pass  # param_grads: this pass's gradients of this process, from the hooks
+    elif session.options.accumulate:
         param_grads = {key: p.grad for key, p in params.items() if p.grad is not None}
     else:
         for key in reached:
@@ -156,6 +173,8 @@ def _quantities(
             assemble_first_order(session, contributions, values)
             if plan is not None:
                 plan.run(contributions, values)
+            if shards is not None:
+                param_grads = synchronize(session, shards, values, param_grads)
             window.commit(values, param_grads)
     finally:
         session.records.paused = False
@@ -208,6 +227,24 @@ def check_batch_mixing(session: Session, loss: Tensor) -> None:
     below = [node for node in iter_nodes(term.edge.node) if node in suspicious]
     if below and mixes_examples(term.edge, term.shape, [rec for rec in session.records if rec.output_edges]):
         raise mixing_error(suspicious[below[0]], "between the recorded layers and the model output")
+
+
+def _start_shards(session: Session, loss: Tensor, create_graph: bool) -> Shards | None:
+    """Launch the all-reduce of the shard's counts when the session synchronizes across processes."""
+    if session.sync_group is None or not session.quantities:
+        return None
+    from secorder_hooks.engine.sync import Shards, scaled_loss_call
+    from secorder_hooks.rules.generic import example_count
+
+    if create_graph:
+        raise ExtensionError(
+            "loss.backward(create_graph=True) inside extend(..., sync=...): the all-reduce across processes is not "
+            "differentiable. Pass sync=False, or differentiate without synchronizing."
+        )
+    call = scaled_loss_call(loss, session.loss_call_of, "extend()")
+    rec = next(iter(session.records))
+    examples = example_count(rec.module, rec.inputs, rec.output_shapes)
+    return Shards.start(session.sync_group, call, examples, loss.device)
 
 
 def _reached(params: dict[int, Tensor], before: dict[int, tuple[Tensor | None, int]]) -> list[int]:

@@ -141,6 +141,7 @@ AFFINE = (
             "EmbeddingBackward0",
             "CopySlices",
             "CopyBackwards",
+            "_DDPSinkBackward",  # DistributedDataParallel(find_unused_parameters=True): identity on its outputs
         }
     )
     | PIECEWISE_LINEAR

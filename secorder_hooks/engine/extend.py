@@ -9,6 +9,7 @@ from torch import nn
 
 from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.session import Session
+from secorder_hooks.engine.sync import SyncOption
 from secorder_hooks.quantities import Quantity
 
 __all__ = ["extend"]
@@ -16,7 +17,11 @@ __all__ = ["extend"]
 
 @contextmanager
 def extend(
-    model: nn.Module, *quantities: Quantity, column_chunk_size: int | None = None, accumulate: bool = True
+    model: nn.Module,
+    *quantities: Quantity,
+    column_chunk_size: int | None = None,
+    accumulate: bool = True,
+    sync: SyncOption = None,
 ) -> Iterator[Session]:
     r"""Compute ``quantities`` in every ``loss.backward()`` run inside the block.
 
@@ -35,6 +40,14 @@ def extend(
     removed from the model; the computed attributes stay until the next backward pass
     inside ``extend()`` or :func:`~secorder_hooks.clear_quantities`. A backward pass
     outside the context changes ``.grad`` only.
+
+    Under data-parallel training (a ``torch.nn.parallel.DistributedDataParallel`` model,
+    or ``sync`` given) every process holds, after each backward pass, what one process
+    would compute on the concatenated batch of all processes (:doc:`/distributed`): summed
+    quantities are all-reduced with the weights that make the reduction factor :math:`c`
+    the global one (:math:`1/D` for a mean over all :math:`D` terms of the global batch),
+    per-example quantities keep this process's rows, reweighted alike. ``.grad`` stays
+    what DDP makes of it: the average over processes of their gradients.
 
     Example:
         >>> import torch
@@ -55,6 +68,12 @@ def extend(
             once (see :class:`~secorder_hooks.engine.options.EngineOptions`).
         accumulate: Accumulate over backward passes as ``.grad`` does (default); with
             ``False`` each backward pass overwrites the quantities with its own.
+        sync: ``None`` (default): synchronize across processes if ``model`` is a
+            ``DistributedDataParallel``, over its process group; ``True``: synchronize over
+            its group, or the default group for any other model; ``False``: never (each
+            process keeps the quantities of its shard); a ``torch.distributed``
+            process group: synchronize over it. Synchronizing needs the loss to be one
+            recognized loss function's result, possibly times a constant.
 
     Yields:
         The session; its state is internal.
@@ -62,11 +81,13 @@ def extend(
     Raises:
         ExtensionError: The model has no trainable parameters, another ``extend()``
             context is active, or the model is used in a way the engine cannot make exact
-            (the message says which and what to do). In a backward pass: ``.grad`` holds
+            (the message says which and what to do), or ``sync=True`` without an
+            initialized ``torch.distributed``. In a backward pass: ``.grad`` holds
             gradients that no backward pass inside ``extend()`` computed, so accumulated
             quantities could not match it (call ``zero_grad()`` first).
     """
-    session = Session(model, quantities, EngineOptions(column_chunk_size=column_chunk_size, accumulate=accumulate))
+    options = EngineOptions(column_chunk_size=column_chunk_size, accumulate=accumulate)
+    session = Session(model, quantities, options, sync)
     session.open()
     try:
         yield session

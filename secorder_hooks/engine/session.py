@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from secorder_hooks.engine.mode import EngineMode
 from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.records import GraphOwned, RecordStore
+from secorder_hooks.engine.sync import SyncOption, ddp_of, sync_group
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
@@ -44,6 +45,8 @@ class _LossEntry:
 
     call: LossCall
     result: weakref.ref[Tensor]
+    node_id: int = 0
+    """``id`` of the result's node (unique while the entry lives: the node owns it)."""
 
 
 @dataclass(eq=False)
@@ -61,9 +64,13 @@ class Session:
         model: The model whose trainable parameters receive the quantities.
         quantities: The quantities to compute in each backward pass.
         options: Engine options (chunking of curvature columns).
+        sync: Whether and over which process group to synchronize the quantities
+            (:data:`~secorder_hooks.engine.sync.SyncOption`).
     """
 
-    def __init__(self, model: nn.Module, quantities: Sequence[Quantity], options: EngineOptions) -> None:
+    def __init__(
+        self, model: nn.Module, quantities: Sequence[Quantity], options: EngineOptions, sync: SyncOption = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
         for q in quantities:
@@ -75,6 +82,10 @@ class Session:
         self.model = model
         self.quantities = tuple(quantities)
         self.options = options
+        self.ddp = ddp_of(model)
+        """The model if it is a ``DistributedDataParallel`` (its ``.grad`` are averaged over processes)."""
+        self.sync_group = sync_group(model, sync)
+        """The process group the quantities are synchronized over, or ``None``."""
         self.params: dict[int, nn.Parameter] = {}
         self.owners: dict[int, list[nn.Module]] = {}
         self.param_names: dict[int, str] = {}
@@ -182,7 +193,7 @@ class Session:
     # ----------------------------------------------------------------- loss calls
     def add_loss_call(self, call: LossCall) -> None:
         """Keep a recognized loss call for as long as its result's graph lives."""
-        entry = _LossEntry(replace(call, result=None), weakref.ref(call.result))  # type: ignore[arg-type]
+        entry = _LossEntry(replace(call, result=None), weakref.ref(call.result), id(call.result.grad_fn))  # type: ignore[arg-type]
         self._loss_calls.add(entry, call.result.grad_fn)
 
     @property
@@ -194,6 +205,13 @@ class Session:
             if result is not None:
                 calls.append(replace(entry.call, result=result))
         return calls
+
+    def loss_call_of(self, node: object) -> LossCall | None:
+        """The recognized loss call whose result's node is ``node`` (its result may be gone), or ``None``."""
+        for entry in self._loss_calls:
+            if entry.node_id == id(node):
+                return entry.call
+        return None
 
     # ----------------------------------------------------------------- hooks
     def _enter_module(self, module: nn.Module, args: tuple) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LossKind", "LossCall", "LOSS_FUNCTIONS", "make_loss_call"]
+__all__ = ["LossKind", "LossCall", "LOSS_FUNCTIONS", "make_loss_call", "averaged_terms"]
 
 
 class LossKind(enum.Enum):
@@ -79,6 +79,24 @@ def make_loss_call(fn: Callable[..., Tensor], args: tuple, kwargs: dict, result:
         options=options,
         result=result,
     )
+
+
+def averaged_terms(call: LossCall) -> float:
+    r"""How many terms the loss of ``call`` averages over with ``reduction="mean"``: :math:`1/c`.
+
+    The number of elements of the prediction for MSE and BCE, of the prediction per class
+    for cross-entropy / NLL with probability targets, and the summed class weights of the
+    non-ignored targets for class-index targets (their count without weights). Zero when
+    every target is ignored.
+    """
+    x, y = call.input, call.target
+    categorical = call.kind in (LossKind.CROSS_ENTROPY, LossKind.NLL)
+    if not categorical or y.is_floating_point():
+        return float(x.numel() if not categorical else x.numel() // x.shape[1])
+    keep = y != call.options.get("ignore_index", -100)
+    weight = call.options.get("weight")
+    weighted = keep if weight is None else weight[y.clamp(0, weight.numel() - 1)] * keep
+    return float(weighted.sum())
 
 
 def _bind(fn: Callable[..., Tensor], args: tuple, kwargs: dict) -> dict[str, Any]:
