@@ -21,6 +21,7 @@ from torch import Tensor
 
 from secorder_hooks.engine.accumulate import PassValues, Window
 from secorder_hooks.engine.assemble import Contributions, assemble_first_order, pass_examples
+from secorder_hooks.engine.broadcast import check_batch_axes
 from secorder_hooks.engine.graph import iter_nodes, reached_parameters
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
@@ -94,6 +95,7 @@ def run_backward(
             session.records.capturing = False
             for handle in handles:
                 handle.remove()
+        check_batch_axes(session, loss, [rec for rec in session.records if rec.reached])
         _quantities(session, plan, window, misuse_fired, before, param_grads, retain_graph, create_graph)
     except BaseException:
         window.abandon()  # .grad may have changed: what the parameters hold would no longer match it
