@@ -291,7 +291,7 @@ def test_layer_curvature_stats() -> None:
     a, b, c = stats["a"], stats["b"], stats["c"]
     assert (a["mean"], a["max"], a["min"], a["numel"], a["sum"]) == (2.5, 4.0, 1.0, 4.0, 10.0)
     # Bessel-corrected, as tensor.std() and torch-secorder: sqrt(((1-2.5)^2 + (2-2.5)^2 + ...) / 3)
-    assert a["std"] == pytest.approx((5.0 / 3.0) ** 0.5, rel=1e-12)
+    assert a["std"] == pytest.approx((5.0 / 3.0) ** 0.5, rel=1e-6)  # float32 input
     assert a["std"] == torch.tensor([1.0, 2, 3, 4]).std().item()
     assert a["norm"] == pytest.approx(30**0.5)
     assert math.isnan(b["std"]) and b["frac_negative"] == 1.0 and b["abs_mean"] == 5.0  # one entry: undefined

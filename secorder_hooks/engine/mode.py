@@ -11,7 +11,7 @@ as a :class:`torch.overrides.TorchFunctionMode`. It
   the modules owning it is executing (weights used outside their module, penalty terms),
   which per-example rules cannot see,
 * expands outputs of calls without the batch on dim 0 where they are broadcast over the
-  examples (:mod:`secorder_hooks.engine.broadcast`).
+  examples (``secorder_hooks.engine.broadcast``).
 """
 
 from __future__ import annotations

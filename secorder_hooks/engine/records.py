@@ -112,7 +112,7 @@ class CallRecord:
         batch_size: The number of examples ``N`` of the forward pass the call belongs to,
             where known (dim 0 of the model's input).
         replica: Set when the call computed one row that is broadcast over the ``N``
-            examples (:mod:`secorder_hooks.engine.broadcast`): its output edge, shape and
+            examples (``secorder_hooks.engine.broadcast``): its output edge, shape and
             gradients are then those of the expansion to ``N`` rows.
         original_edge: ``(node, output_nr)`` of the call's own output, once rebound to an expansion.
         binding: How often the outputs were rebound (the capture hooks of earlier bindings stay silent).
