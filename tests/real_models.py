@@ -232,7 +232,7 @@ def vit() -> RealCase:
         model.class_token.normal_()
     model = model.double().eval()
     x = torch.randn(N, 3, 8, 8, dtype=torch.float64)
-    return RealCase("vit", model, x, torch.randint(0, 3, (N,)), ce_loss, hessian="BmmBackward0|two factors")
+    return RealCase("vit", model, x, torch.randint(0, 3, (N,)), ce_loss, hessian=_fused_attention_error("sdpa"))
 
 
 class RNNClassifier(nn.Module):
