@@ -368,3 +368,26 @@ def test_ekfac_is_the_ggn_block_projected_onto_the_eigenbasis(name, reduction, s
                     lam = q.mT @ f @ q
                     off = lam - torch.diag_embed(lam.diagonal(dim1=-2, dim2=-1))
                     assert off.abs().max() < 1e-10, key
+
+
+def test_factors_accumulate_over_backward_passes_like_grad():
+    """Two micro-batches: B adds up, A becomes the mean over all examples (the full batch's factors)."""
+    case = zoo.make("mlp_tanh", torch.float64)
+    loss_fn = case.loss_fn("sum")
+    run(case.model, loss_fn, case.x, case.y, sh.KFLR(), sh.KFACEmpirical())
+    full = {
+        name: [[f.clone() for f in getattr(p, a)] for a in ("kflr", "kfac_empirical")]
+        for name, p in case.model.named_parameters()
+    }
+    case.model.zero_grad()
+    with sh.extend(case.model, sh.KFLR(), sh.KFACEmpirical()):
+        for part in (slice(0, 1), slice(1, None)):
+            loss_fn(case.model(case.x[part]), case.y[part]).backward()
+    for name, p in case.model.named_parameters():
+        for got, want in zip((p.kflr, p.kfac_empirical), full[name]):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, msg=name)
+    case.model.zero_grad()
+    with pytest.raises(sh.ExtensionError, match="EKFAC"), sh.extend(case.model, sh.EKFAC()):
+        for part in (slice(0, 1), slice(1, None)):
+            loss_fn(case.model(case.x[part]), case.y[part]).backward()

@@ -148,6 +148,7 @@ def engine_kron(name, batch_size=5):
     model, x, y, _ = problem(name)
     total = None
     for xb, yb in DataLoader(TensorDataset(x, y), batch_size=batch_size):
+        model.zero_grad()  # each batch alone (inside extend, backward passes accumulate like .grad)
         with sh.extend(model, sh.KFLR(fallback="diagonal")):
             nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
         factors = []

@@ -23,10 +23,11 @@ from torch import Tensor
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
-from secorder_hooks.quantities import KFACEmpirical, KroneckerQuantity, KronFallback
+from secorder_hooks.quantities import KFACEmpirical, KroneckerFactors, KroneckerQuantity, KronFallback
 from secorder_hooks.rules.base import LayerRule
 
 if TYPE_CHECKING:
+    from secorder_hooks.engine.accumulate import PassValues
     from secorder_hooks.engine.session import Session
 
 __all__ = ["KronSums", "EigenSums", "has_kronecker_rule", "check_kronecker_support", "assemble_empirical_kronecker"]
