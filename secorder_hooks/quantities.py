@@ -66,8 +66,9 @@ class Accumulation(enum.Enum):
     VARIANCE = "variance"
     """The variance over all examples of the passes, from their running sums (``variance``)."""
     KRONECKER = "kronecker"
-    """Kronecker factors (:class:`KroneckerFactors`): the output factors and diagonals add up, the
-    input factor (a mean over examples) becomes the mean over all examples of the passes."""
+    """Kronecker factors (a :class:`~secorder_hooks.quantities.KroneckerFactors` list): the output
+    factors and diagonals add up, the input factor (a mean over examples) becomes the mean over
+    all examples of the passes."""
 
 
 class Quantity:
@@ -206,11 +207,11 @@ class WeightSharing(enum.Enum):
     """
 
     EXPAND = "expand"
-    r"""Positions as extra examples: :math:`A = \frac{1}{NT} \sum_{n,t} a_{nt} a_{nt}^\top`,
+    r"""Positions count as extra examples, with :math:`A = \frac{1}{NT} \sum_{n,t} a_{nt} a_{nt}^\top`,
     :math:`B = \sum_{v,n,t} w_{vn} g_{vnt} g_{vnt}^\top`. Exact for linear models with a loss
     term per position."""
     REDUCE = "reduce"
-    r"""Positions pooled first: :math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` with
+    r"""Positions are pooled first, with :math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` with
     :math:`\bar a_n = \frac1T \sum_t a_{nt}`, :math:`B = \sum_{v,n} w_{vn} \bar g_{vn} \bar g_{vn}^\top`
     with :math:`\bar g_{vn} = \sum_t g_{vnt}`. Exact for linear models whose positions are
     averaged before the loss."""

@@ -180,7 +180,7 @@ class LayerRule:
         :math:`a = x`, or :math:`a = (x, 1)` with ``fold_bias`` (the bias coordinate last; asked
         only of modules with a trainable ``bias``), a mean over the examples; how positions
         enter is set by ``sharing``
-        (:mod:`secorder_hooks.rules.kronecker`). The engine gives a Kronecker block
+        (``secorder_hooks.rules.kronecker``). The engine gives a Kronecker block
         :math:`B \otimes A` to the module's ``weight`` (``[O, ...]``, flattened row-major,
         ``G`` groups of ``O / G`` rows) and ``B`` to its ``bias``.
 

@@ -255,7 +255,7 @@ class LinearRule(LayerRule):
     ) -> Tensor:
         """``[1, I', I']``: the input factor over the positions of ``[N, *, I]`` inputs.
 
-        See :mod:`secorder_hooks.rules.kronecker`.
+        See ``secorder_hooks.rules.kronecker``.
         """
         return input_moment(_flat_positions(inputs[0].detach()).unsqueeze(1), fold_bias, sharing)
 
