@@ -30,7 +30,7 @@ napoleon_use_rtype = False
 # packages are not linked (no network at build time, so no intersphinx inventories).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|nn|collections|enum|typing|tqdm)(\..*)?"),
+    (r"py:.*", r"(torch|nn|collections|enum|typing|tqdm|laplace)(\..*)?"),
     (r"py:class", r"secorder_hooks\..*\.(R|L|_\w+)"),  # type variables and private helpers in signatures
 ]
 exclude_patterns = ["_build"]
