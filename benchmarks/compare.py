@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/compare.py [--problems A B C resnet transformer] [--quantities ...]
+    python benchmarks/compare.py [--problems A B C resnet transformer gpt2 resnet18] [--quantities ...]
         [--peers ours BackPACK Opacus torch.func ASDL torch-secorder] [--reps 5]
         [--min-time 0.03] [--no-memory] [--out benchmarks/results] [--from-json compare.json]
 
@@ -203,7 +203,9 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line, compare, write the outputs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", nargs="+", default=[p.value for p in ALL], choices=[p.value for p in ALL])
+    parser.add_argument(
+        "--problems", nargs="+", default=[p.value for p in ALL], choices=[p.value for p in ProblemName]
+    )  # the real-model problems (gpt2, resnet18: transformers / torchvision) only when named
     parser.add_argument(
         "--quantities", nargs="+", default=[q.value for q in OurQuantity], choices=[q.value for q in OurQuantity]
     )

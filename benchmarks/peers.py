@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from ours import ATTRIBUTES, OurQuantity, engine_step, make_quantity
-from problems import Problem, num_params
+from problems import REAL_MODELS, Problem, num_params
 from timing import reset_parameters
 from torch import Tensor, nn
 
@@ -168,7 +168,9 @@ def _build_backpack(quantity: OurQuantity) -> Callable[[Problem], Built]:
             Q.KFAC: lambda: ext.KFAC(mc_samples=1),
         }[quantity]()
         attribute = make_quantity(quantity).attribute
-        model, loss_fn = backpack.extend(problem.model), backpack.extend(problem.loss_fn)
+        # Models from other libraries (functional ops in forward) need BackPACK's module converter.
+        converter = problem.name in REAL_MODELS
+        model, loss_fn = backpack.extend(problem.model, use_converter=converter), backpack.extend(problem.loss_fn)
 
         def step() -> None:
             reset_parameters(model, [attribute])

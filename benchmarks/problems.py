@@ -14,6 +14,12 @@ Problems:
     transformer: one pre-norm transformer block (LayerNorm, ``nn.MultiheadAttention`` with
         ``batch_first=True``, GELU MLP) on [N=32, T=16, D=64] inputs, mean-pooled to 10 classes,
         CrossEntropyLoss(mean).
+    gpt2: Hugging Face ``GPT2LMHeadModel`` (2 layers, 2 heads, width 32, vocabulary 100,
+        SDPA attention) on ``[N=16, T=32]`` token ids, language-model loss over all tokens
+        (``cross_entropy(logits.reshape(-1, V), ids.reshape(-1))``, mean over the N*T tokens).
+        Needs ``transformers``.
+    resnet18: torchvision ``resnet18`` (10 classes, eval mode) on 3x32x32, N=32,
+        CrossEntropyLoss(mean). Needs ``torchvision``.
 """
 
 from __future__ import annotations
@@ -38,10 +44,14 @@ class ProblemName(enum.Enum):
     C = "C"
     RESNET = "resnet"
     TRANSFORMER = "transformer"
+    GPT2 = "gpt2"
+    RESNET18 = "resnet18"
 
 
 STANDARD = (ProblemName.A, ProblemName.B, ProblemName.C)
-ALL = tuple(ProblemName)
+REAL_MODELS = (ProblemName.GPT2, ProblemName.RESNET18)
+"""Problems built from other libraries' models (optional packages); not in the default run."""
+ALL = tuple(name for name in ProblemName if name not in REAL_MODELS)
 
 
 @dataclass
@@ -160,6 +170,55 @@ class TransformerBlock(nn.Module):
         return self.head(x.mean(dim=1))
 
 
+class LanguageModelLoss(nn.Module):
+    """Cross-entropy over all tokens of ``[N, T, V]`` logits and ``[N, T]`` labels."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=self.reduction
+        )
+
+
+class Logits(nn.Module):
+    """A Hugging Face model called on token ids, returning its ``logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+def _gpt2(vocab: int) -> nn.Module:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.real_models import import_transformers  # the torchvision import shim, where needed
+
+    transformers = import_transformers()
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=vocab, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )  # fmt: skip
+    return Logits(transformers.GPT2LMHeadModel(config))
+
+
+def _resnet18(classes: int) -> nn.Module:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.real_models import import_torchvision
+
+    return import_torchvision().models.resnet18(num_classes=classes)
+
+
 def _initialize(model: nn.Module) -> None:
     """Give BatchNorm non-trivial running statistics and affine parameters, then eval()."""
     for m in model.modules():
@@ -195,10 +254,18 @@ def make_problem(name: ProblemName | str, dtype: torch.dtype = torch.float32, se
         model, x = _mlp((784, 256, 256, classes), nn.Sigmoid), torch.randn(128, 784)
     elif name == ProblemName.RESNET:
         model, x = SmallResNet(classes=classes), torch.randn(32, 3, 32, 32)
-    else:
+    elif name == ProblemName.TRANSFORMER:
         model, x = TransformerBlock(classes=classes), torch.randn(32, 16, 64)
+    elif name == ProblemName.GPT2:
+        vocab = 100
+        model, x = _gpt2(vocab), torch.randint(0, vocab, (16, 32))
+    else:
+        model, x = _resnet18(classes), torch.randn(32, 3, 32, 32)
     _initialize(model)
     n = x.shape[0]
+    if name == ProblemName.GPT2:
+        loss_fn, loss_fn_sum, factor = LanguageModelLoss(), LanguageModelLoss("sum"), 1.0 / x.numel()
+        return Problem(name, model.to(dtype), x, x.clone(), loss_fn, loss_fn_sum, factor, classification=True)
     if name == ProblemName.C:
         y = torch.randn(n, classes, dtype=dtype)
         loss_fn, loss_fn_sum, factor = nn.MSELoss(), nn.MSELoss(reduction="sum"), 1.0 / (n * classes)

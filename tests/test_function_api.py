@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -289,9 +290,11 @@ def test_layer_curvature_stats() -> None:
     )
     a, b, c = stats["a"], stats["b"], stats["c"]
     assert (a["mean"], a["max"], a["min"], a["numel"], a["sum"]) == (2.5, 4.0, 1.0, 4.0, 10.0)
-    assert a["std"] == pytest.approx(torch.tensor([1.0, 2, 3, 4]).std(correction=0).item())
+    # Bessel-corrected, as tensor.std() and torch-secorder: sqrt(((1-2.5)^2 + (2-2.5)^2 + ...) / 3)
+    assert a["std"] == pytest.approx((5.0 / 3.0) ** 0.5, rel=1e-6)  # float32 input
+    assert a["std"] == torch.tensor([1.0, 2, 3, 4]).std().item()
     assert a["norm"] == pytest.approx(30**0.5)
-    assert b["std"] == 0.0 and b["frac_negative"] == 1.0 and b["abs_mean"] == 5.0
+    assert math.isnan(b["std"]) and b["frac_negative"] == 1.0 and b["abs_mean"] == 5.0  # one entry: undefined
     assert c["frac_zero"] == 0.5 and c["frac_negative"] == 0.5
     with pytest.raises(ValueError, match="empty"):
         get_layer_curvature_stats({"e": torch.zeros(0)})

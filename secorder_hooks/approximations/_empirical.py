@@ -20,7 +20,7 @@ from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarnin
 from secorder_hooks.core._fallback import logger as _logger
 from secorder_hooks.core._losses import NonStandardLossError, reduction_factor, single_loss_call, the_loss_call
 from secorder_hooks.core._sync import synchronized
-from secorder_hooks.core._validation import check_batch, check_scalar, zeros_like_all
+from secorder_hooks.core._validation import ModelInputs, check_batch, check_scalar, zeros_like_all
 from secorder_hooks.engine.sync import SyncOption
 from secorder_hooks.quantities import BatchL2Grad, SumGradSquared
 
@@ -75,7 +75,7 @@ def _empirical_fisher(
 
 
 def _engine(
-    model: nn.Module, loss_fn: LossFn, args: tuple[Tensor, ...], targets: Tensor, params: list[Tensor], trace: bool
+    model: nn.Module, loss_fn: LossFn, args: ModelInputs, targets: Tensor, params: list[Tensor], trace: bool
 ) -> list[Tensor] | Tensor:
     quantity = BatchL2Grad() if trace else SumGradSquared()
     result = run_engine(model, loss_fn, args, targets, params, [quantity], check=the_loss_call)
@@ -90,13 +90,13 @@ def _engine(
 def _generic(
     model: nn.Module,
     loss_fn: LossFn,
-    args: tuple[Tensor, ...],
+    args: ModelInputs,
     targets: Tensor,
     params: list[Tensor],
     trace: bool,
     create_graph: bool,
 ) -> list[Tensor] | Tensor:
-    outputs = model(*args)
+    outputs = args.call(model)
     if not isinstance(outputs, Tensor):
         raise TypeError(f"the model must return one tensor, got {type(outputs).__name__}.")
     loss, call = single_loss_call(loss_fn, outputs, targets)

@@ -49,7 +49,8 @@ def empirical_fisher_diagonal(
         loss_fn: One standard loss (``nn.CrossEntropyLoss``, ``nn.NLLLoss``, ``nn.MSELoss``,
             ``nn.BCEWithLogitsLoss`` or their functional forms, any options) applied to
             the model output; its reduction sets :math:`c`.
-        inputs: Model input ``[N, ...]`` (or a tuple of positional inputs).
+        inputs: Model input ``[N, ...]``, a tuple of positional inputs, or a dict of keyword
+            arguments (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``).
         targets: Targets ``[N, ...]`` as the loss expects them.
         sync: Data-parallel training: the result of the global batch of all processes
             (``None``: if ``model`` is a ``DistributedDataParallel``; ``True`` or a process

@@ -49,7 +49,8 @@ def empirical_fisher_trace(
         model: The model; dim 0 of ``inputs`` indexes the examples.
         loss_fn: One standard loss applied to the model output (see
             :func:`~secorder_hooks.approximations.fisher_diagonal.empirical_fisher_diagonal`).
-        inputs: Model input ``[N, ...]`` (or a tuple of positional inputs).
+        inputs: Model input ``[N, ...]``, a tuple of positional inputs, or a dict of keyword
+            arguments (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``).
         targets: Targets ``[N, ...]``.
         num_samples: Accepted for compatibility; unused by the exact computation.
         sync: Data-parallel training: the result of the global batch of all processes

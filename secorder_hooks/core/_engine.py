@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from secorder_hooks.core._losses import record_loss_calls
-from secorder_hooks.core._validation import check_scalar
+from secorder_hooks.core._validation import ModelInputs, check_scalar
 from secorder_hooks.engine import extend
 from secorder_hooks.engine.accumulate import WINDOW_ATTRIBUTE, clear_quantities, quantity_attributes
 from secorder_hooks.engine.session import isolated
@@ -42,7 +42,7 @@ class EngineResult:
 def run_engine(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    args: tuple[Tensor, ...],
+    args: ModelInputs,
     targets: Tensor,
     params: Sequence[Tensor],
     quantities: Sequence[Quantity],
@@ -63,7 +63,7 @@ def run_engine(
         for p in touched:
             p.grad = None
         with isolated(), extend(model, *quantities):
-            outputs = model(*args)
+            outputs = args.call(model)
             with record_loss_calls() as calls:
                 loss = check_scalar(loss_fn(outputs, targets), "loss_fn")
             if check is not None:

@@ -15,7 +15,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from secorder_hooks.approximations._generic import ggn_diagonal_from_columns
 from secorder_hooks.core._losses import record_loss_calls
-from secorder_hooks.core._validation import check_scalar
+from secorder_hooks.core._validation import ModelInputs, check_scalar
 from secorder_hooks.errors import UnsupportedLossError
 from secorder_hooks.losses.autograd import AutogradLossTerm
 from secorder_hooks.losses.base import LossTerm
@@ -28,7 +28,7 @@ __all__ = ["generic_ggn_for_loss"]
 def generic_ggn_for_loss(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    args: tuple[Tensor, ...],
+    args: ModelInputs,
     targets: Tensor,
     params: list[Tensor],
     create_graph: bool,
@@ -36,7 +36,7 @@ def generic_ggn_for_loss(
     quantity: Quantity,
 ) -> list[Tensor]:
     """Exact (or Monte-Carlo) GGN diagonal, aligned with ``params``."""
-    outputs = model(*args)
+    outputs = args.call(model)
     if not isinstance(outputs, Tensor):
         raise TypeError(f"the model must return one tensor, got {type(outputs).__name__}.")
     with record_loss_calls() as calls:

@@ -2,45 +2,89 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Inputs", "as_input_tuple", "check_batch", "check_params", "check_vectors", "check_scalar"]
+__all__ = [
+    "Inputs",
+    "ModelInputs",
+    "as_model_inputs",
+    "check_batch",
+    "check_params",
+    "check_vectors",
+    "check_scalar",
+]
 
-Inputs = Tensor | Sequence[Tensor]
+Inputs = Union[Tensor, Sequence[Tensor], Mapping[str, Any]]
+"""What the function API takes as ``inputs``: a tensor, a tuple of positional arguments or a
+dict of keyword arguments (``{"input_ids": ..., "attention_mask": ...}`` for a Hugging Face model)."""
 
 
-def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
-    """``inputs`` as the tuple of positional arguments of ``model``."""
+@dataclass(frozen=True)
+class ModelInputs:
+    """The arguments of the model call: ``model(*args, **kwargs)``.
+
+    Attributes:
+        args: Positional arguments.
+        kwargs: Keyword arguments.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def call(self, model: nn.Module) -> Any:
+        """``model(*args, **kwargs)``."""
+        return model(*self.args, **self.kwargs)
+
+    @property
+    def first(self) -> Tensor:
+        """The first tensor argument (positional, else keyword); dim 0 indexes the examples."""
+        return next(x for x in (*self.args, *self.kwargs.values()) if isinstance(x, Tensor))
+
+
+def as_model_inputs(inputs: Inputs) -> ModelInputs:
+    """``inputs`` as the arguments of the model call."""
     if isinstance(inputs, Tensor):
-        return (inputs,)
+        return ModelInputs((inputs,), {})
     if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(x, Tensor) for x in inputs):
-        return tuple(inputs)
-    raise TypeError(f"inputs must be a tensor or a non-empty tuple of tensors, got {type(inputs).__name__}.")
+        return ModelInputs(tuple(inputs), {})
+    if (
+        isinstance(inputs, Mapping)
+        and all(isinstance(k, str) for k in inputs)
+        and any(isinstance(x, Tensor) for x in inputs.values())
+    ):
+        return ModelInputs((), dict(inputs))
+    raise TypeError(
+        "inputs must be a tensor, a non-empty tuple of tensors (positional arguments) or a dict of keyword "
+        f"arguments with at least one tensor, got {type(inputs).__name__}."
+    )
 
 
-def check_batch(model: nn.Module, inputs: Inputs, targets: Tensor) -> tuple[Tensor, ...]:
-    """Check that ``model`` is a module and that ``inputs`` and ``targets`` hold the same ``N >= 1`` examples.
+def check_batch(model: nn.Module, inputs: Inputs, targets: Tensor) -> ModelInputs:
+    """Check that ``model`` is a module, that ``inputs`` hold ``N >= 1`` examples and that ``targets`` is a tensor.
+
+    ``targets`` may have any shape (``loss_fn`` pairs it with the output), e.g. ``[N]``
+    class labels, ``[N, T]`` token labels or ``[N * T]`` labels of flattened logits.
 
     Returns:
-        The inputs as a tuple of positional arguments.
+        The arguments of the model call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-    args = as_input_tuple(inputs)
+    call = as_model_inputs(inputs)
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}.")
-    n = args[0].shape[0] if args[0].dim() > 0 else None
+    first = call.first
+    n = first.shape[0] if first.dim() > 0 else None
     if n is None:
         raise ValueError("inputs must have a batch dimension (dim 0 indexes the examples); got a 0-dim tensor.")
     if n == 0:
         raise ValueError("inputs hold an empty batch (dim 0 has size 0); pass at least one example.")
-    if targets.dim() == 0 or targets.shape[0] != n:
-        got = "a 0-dim tensor" if targets.dim() == 0 else f"{targets.shape[0]} examples"
-        raise ValueError(f"inputs hold {n} examples along dim 0 but targets hold {got}; the batch sizes must match.")
-    return args
+    return call
 
 
 def check_params(params: Sequence[Tensor], strict: bool) -> list[Tensor]:

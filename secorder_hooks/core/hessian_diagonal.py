@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
 from secorder_hooks.core._fallback import logger as _logger
@@ -25,6 +26,7 @@ from secorder_hooks.core._progress import progress_bar
 from secorder_hooks.core._sync import synchronized
 from secorder_hooks.core._validation import (
     Inputs,
+    ModelInputs,
     check_batch,
     check_params,
     check_scalar,
@@ -167,7 +169,8 @@ def model_hessian_diagonal(
     Args:
         model: The model; dim 0 of ``inputs`` indexes the examples.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
-        inputs: Model input ``[N, ...]`` (or a tuple of positional inputs).
+        inputs: Model input ``[N, ...]``, a tuple of positional inputs, or a dict of keyword
+            arguments (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``).
         targets: Targets ``[N, ...]``.
         create_graph: Make the result differentiable.
         strict: If ``True``, parameters that do not require grad or do not influence
@@ -215,14 +218,15 @@ def _model_hessian_diagonal(
     _logger.debug("model_hessian_diagonal: generic path")
 
     def closure() -> Tensor:
-        with record_loss_calls():
-            return loss_fn(model(*args), targets)
+        # attention in its math kernel: the fused kernels of scaled_dot_product_attention have no double backward
+        with record_loss_calls(), sdpa_kernel(SDPBackend.MATH):
+            return loss_fn(args.call(model), targets)
 
     return hessian_diagonal(closure, params, create_graph=create_graph, strict=strict)
 
 
 def _engine_hessian_diagonal(
-    model: nn.Module, loss_fn: LossFn, args: tuple[Tensor, ...], targets: Tensor, params: list[Tensor], strict: bool
+    model: nn.Module, loss_fn: LossFn, args: ModelInputs, targets: Tensor, params: list[Tensor], strict: bool
 ) -> list[Tensor]:
     from secorder_hooks.core._engine import run_engine
     from secorder_hooks.quantities import DiagHessian

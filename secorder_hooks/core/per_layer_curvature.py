@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
 from secorder_hooks.core._fallback import logger as _logger
 from secorder_hooks.core._sync import synchronized, unwrap
-from secorder_hooks.core._validation import Inputs, check_batch
+from secorder_hooks.core._validation import Inputs, ModelInputs, check_batch
 from secorder_hooks.core.hessian_diagonal import model_hessian_diagonal
 from secorder_hooks.engine.sync import SyncOption, sync_group
 
@@ -113,7 +113,8 @@ def per_layer_hessian_diagonal(
     Args:
         model: The model; dim 0 of ``inputs`` indexes the examples.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
-        inputs: Model input ``[N, ...]`` (or a tuple of positional inputs).
+        inputs: Model input ``[N, ...]``, a tuple of positional inputs, or a dict of keyword
+            arguments (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``).
         targets: Targets ``[N, ...]``.
         layer_types: Module classes to report (``isinstance``); default ``(nn.Linear, nn.Conv2d)``.
         create_graph: Make the result differentiable.
@@ -174,7 +175,8 @@ def per_layer_fisher_diagonal(
         model: The model; dim 0 of ``inputs`` indexes the examples.
         loss_fn: One standard loss (``"empirical"``, ``"mc"``) or any loss summing over
             examples (``"exact"``) applied to the model output.
-        inputs: Model input ``[N, ...]`` (or a tuple of positional inputs).
+        inputs: Model input ``[N, ...]``, a tuple of positional inputs, or a dict of keyword
+            arguments (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``).
         targets: Targets ``[N, ...]``.
         layer_types: Module classes to report (``isinstance``); default ``(nn.Linear, nn.Conv2d)``.
         create_graph: Make the result differentiable (generic path).
@@ -218,7 +220,7 @@ def per_layer_fisher_diagonal(
 def _ggn_for_loss(
     model: nn.Module,
     loss_fn: LossFn,
-    args: tuple[Tensor, ...],
+    args: ModelInputs,
     targets: Tensor,
     kind: FisherType,
     create_graph: bool,
@@ -264,10 +266,15 @@ def get_layer_curvature_stats(layer_curvatures: Mapping[str, Tensor]) -> dict[st
         layer_curvatures: Layer name to tensor (any shape; all its entries are used).
 
     Returns:
-        Per layer: ``mean``, ``std`` (population, so 0 for one element), ``max``, ``min``,
+        Per layer: ``mean``, ``std``, ``max``, ``min``,
         ``abs_mean``, ``abs_max``, ``median``, ``norm`` (Euclidean), ``sum`` (the layer's
         trace), ``numel``, ``frac_negative`` and ``frac_zero`` (fractions of entries below /
-        equal to 0; negative Hessian entries signal non-convex directions).
+        equal to 0; negative Hessian entries signal non-convex directions). ``std`` is the
+        sample standard deviation with Bessel's correction, as ``tensor.std()`` and
+        torch-secorder's ``get_layer_curvature_stats`` give it:
+        :math:`\sqrt{\sum_i (v_i - \bar v)^2 / (n - 1)}` over the ``n`` entries; for a single
+        entry it is undefined and reported as ``nan`` (as ``tensor.std()`` returns, without
+        its warning).
 
     Raises:
         ValueError: A layer's tensor is empty.
@@ -283,7 +290,7 @@ def get_layer_curvature_stats(layer_curvatures: Mapping[str, Tensor]) -> dict[st
         n = v.numel()
         stats[name] = {
             "mean": v.mean().item(),
-            "std": v.std(correction=0).item(),
+            "std": v.std().item() if n > 1 else math.nan,
             "max": v.max().item(),
             "min": v.min().item(),
             "abs_mean": v.abs().mean().item(),

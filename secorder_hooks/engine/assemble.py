@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from secorder_hooks.engine.accumulate import PassValues
+from secorder_hooks.engine.broadcast import replica_rule_call
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import BatchGrad, BatchL2Grad, SumGradSquared, Variance
@@ -95,7 +96,9 @@ class ColumnResults:
         if key not in self._cache:
             rule = self.contributions.rules[rec.module]
             g = self.grad_outputs(rec)
-            if method == "per_example_grads":
+            if rec.replica is not None:  # one row shared by the examples (broadcast.py)
+                out = replica_rule_call(rule, method, rec, g, self.weights, per_example)
+            elif method == "per_example_grads":
                 out = rule.per_example_grads(rec.module, rec.inputs, g)
             elif method == "squared_norms":
                 out = rule.squared_norms(rec.module, rec.inputs, g)

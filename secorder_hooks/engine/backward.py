@@ -23,6 +23,7 @@ from torch import Tensor
 
 from secorder_hooks.engine.accumulate import PassValues, Window
 from secorder_hooks.engine.assemble import Contributions, assemble_first_order, pass_examples
+from secorder_hooks.engine.broadcast import check_batch_axes
 from secorder_hooks.engine.graph import (
     REENTRANT_CHECKPOINT_ADVICE,
     iter_nodes,
@@ -110,6 +111,7 @@ def run_backward(
             session.records.capturing = False
             for handle in handles:
                 handle.remove()
+        check_batch_axes(session, loss, [rec for rec in session.records if rec.reached])
         _quantities(session, plan, window, shards, misuse_fired, before, param_grads, retain_graph, create_graph)
     except BaseException:
         window.abandon()  # .grad may have changed: what the parameters hold would no longer match it

@@ -28,6 +28,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from secorder_hooks.engine.accumulate import PassValues
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
+from secorder_hooks.engine.broadcast import replica_own_term
 from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
 from secorder_hooks.engine.graph import REENTRANT_CHECKPOINT_ADVICE, only_input, reentrant_checkpoint
@@ -343,7 +344,11 @@ class CurvaturePlan:
                 continue
             grads = rec.grad_output()
             grads = tuple(g[0] for g in grads) if isinstance(grads, tuple) else grads[0]
-            for name, value in rule.own_hessian_term(rec.module, rec.inputs, grads, into.per_example).items():
+            if rec.replica is not None:
+                terms = replica_own_term(rule, rec, grads, into.per_example)
+            else:
+                terms = rule.own_hessian_term(rec.module, rec.inputs, grads, into.per_example)
+            for name, value in terms.items():
                 into.add(id(rec.module.get_parameter(name)), value)
 
     def _check_examples(self, site: CurvedSite, values: Tensor) -> None:
@@ -612,6 +617,8 @@ def _closed_form_record(source: GradientEdge, contributions: Contributions) -> C
     """
     for rec in _records(contributions):
         if source in rec.output_edges and len(rec.output_edges) == 1:
+            if rec.replica is not None:  # the closed forms take the call's rows as the examples
+                return None
             params = rule_parameters(contributions.rules[rec.module], rec.module).values()
             if all(len(contributions.by_param.get(id(p), ())) == 1 for p in params):
                 return rec

@@ -9,7 +9,9 @@ as a :class:`torch.overrides.TorchFunctionMode`. It
 * records every call of a standard loss function (:mod:`secorder_hooks.losses.calls`),
 * notes any trainable parameter that enters a differentiable operation while none of
   the modules owning it is executing (weights used outside their module, penalty terms),
-  which per-example rules cannot see.
+  which per-example rules cannot see,
+* expands outputs of calls without the batch on dim 0 where they are broadcast over the
+  examples (``secorder_hooks.engine.broadcast``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from secorder_hooks.engine.broadcast import BROADCASTING, expand_watched
 from secorder_hooks.losses.calls import LOSS_FUNCTIONS, make_loss_call
 
 if TYPE_CHECKING:
@@ -43,6 +46,9 @@ class EngineMode(TorchFunctionMode):
             return self.session.backward(*args, **kwargs)
         if func is torch.autograd.backward:
             return self.session.autograd_backward(*args, **kwargs)
+        session = self.session
+        if func in BROADCASTING and session.watched and not session.records.paused:
+            args, kwargs = expand_watched(session, func, args, kwargs)
         result = func(*args, **kwargs)  # the operation itself: its errors reach the caller unchanged
         if func in LOSS_FUNCTIONS:
             if isinstance(result, Tensor) and result.grad_fn is not None:  # not under no_grad(): no backward follows

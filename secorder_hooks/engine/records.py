@@ -14,7 +14,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,13 @@ class CallRecord:
             no gradient arrived).
         during_backward: The call ran inside a backward pass (the recomputation of a
             reentrant activation checkpoint).
+        batch_size: The number of examples ``N`` of the forward pass the call belongs to,
+            where known (dim 0 of the model's input).
+        replica: Set when the call computed one row that is broadcast over the ``N``
+            examples (``secorder_hooks.engine.broadcast``): its output edge, shape and
+            gradients are then those of the expansion to ``N`` rows.
+        original_edge: ``(node, output_nr)`` of the call's own output, once rebound to an expansion.
+        binding: How often the outputs were rebound (the capture hooks of earlier bindings stay silent).
     """
 
     module: nn.Module
@@ -132,10 +139,15 @@ class CallRecord:
     output_kinds: list[tuple[torch.dtype, torch.device]]
     grads: list[Tensor | None] = field(default_factory=list)
     during_backward: bool = False
+    batch_size: int | None = None
+    replica: Any = None
+    original_edge: tuple[Any, int] | None = None
+    binding: int = 0
 
     def release(self) -> None:
         """Drop the recorded tensors (the output hooks may outlive the record)."""
         self.inputs = CallInputs((), {}, ())
+        self.replica = self.original_edge = None
         self.output_edges, self.grads = [], [None] * len(self.grads)
 
     @property
@@ -229,6 +241,16 @@ class RecordStore:
         self._pending = []
         self.passes.add(forward, edge.node)
 
+    @property
+    def pending_count(self) -> int:
+        """Records of the running forward pass (not yet sealed)."""
+        return len(self._pending)
+
+    @property
+    def last(self) -> CallRecord:
+        """The latest record of the running forward pass."""
+        return self._pending[-1]
+
     def clear(self) -> None:
         """Drop every record, releasing the tensors it holds even if a hook still refers to it."""
         for rec in self:
@@ -244,6 +266,7 @@ class RecordStore:
         kwargs: dict,
         output: object,
         effective: dict[str, Tensor] | None = None,
+        batch_size: int | None = None,
     ) -> object:
         """Record one call: called from the module's forward hook.
 
@@ -278,6 +301,7 @@ class RecordStore:
             output_kinds=[(t.dtype, t.device) for t in outputs],
             grads=[None] * len(outputs),
             during_backward=self.capturing,
+            batch_size=batch_size,
         )
         for i, edge in enumerate(rec.output_edges):
             edge.node.register_prehook(self._capture(weakref.ref(rec), i, edge.output_nr))
@@ -286,7 +310,25 @@ class RecordStore:
             return None
         return flat[0] if spec is None else tree_unflatten(flat, spec)
 
+    def rebind(self, rec: CallRecord, expanded: Tensor, replica: Any) -> None:
+        """Capture the gradients of a one-output call at ``expanded`` instead of its output.
+
+        Args:
+            rec: The record.
+            expanded: The output expanded to ``N`` rows (a differentiable function of it).
+            replica: The :class:`~secorder_hooks.engine.broadcast.Replica` describing the call.
+        """
+        edge = torch.autograd.graph.get_gradient_edge(expanded)
+        rec.original_edge = (rec.output_edges[0].node, rec.output_edges[0].output_nr)
+        rec.output_edges = [edge]
+        rec.output_shapes = [expanded.shape]
+        rec.replica = replica
+        rec.binding += 1
+        edge.node.register_prehook(self._capture(weakref.ref(rec), 0, edge.output_nr))
+
     def _capture(self, ref: weakref.ref[CallRecord], index: int, output_nr: int):
+        binding = ref().binding  # not the edge: the closure would keep its node (and graph) alive
+
         # A pre-hook of the node that produced the output sees the gradient that node receives, after
         # every tensor hook (users' gradient hooks included); a tensor hook of ours would see only those
         # registered before it. Half the cost of a tensor hook, which builds a hook dict in Python. It
@@ -294,7 +336,8 @@ class RecordStore:
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
             grad = grad_outputs[output_nr]
             rec = ref()
-            if self.capturing and grad is not None and rec is not None:
+            # the record may have been rebound to an expansion of the output since (broadcast.py)
+            if self.capturing and grad is not None and rec is not None and rec.binding == binding:
                 prev = rec.grads[index]
                 rec.grads[index] = grad if prev is None else prev + grad
 

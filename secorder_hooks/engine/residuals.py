@@ -234,6 +234,18 @@ def _first(params: frozenset[int], describe: dict[int, str]) -> str:
 
 
 def _unsupported(name: str, param: str, why: str) -> UnsupportedOperationError:
+    if name.startswith("ScaledDotProduct"):
+        return UnsupportedOperationError(
+            f"the exact Hessian needs the second-order term of the fused attention kernel {name} (from "
+            f"F.scaled_dot_product_attention) between parameter '{param}' and the loss; fused kernels have no "
+            "second derivative. The engine's DiagHessian does not cover attention in any implementation (both "
+            "factors of q k^T depend on the same parameters), but DiagGGNExact, DiagGGNMC and the first-order "
+            "quantities do. For the exact Hessian diagonal use secorder_hooks.model_hessian_diagonal (it falls "
+            "back to the exact generic path and runs attention in its math kernel), or, with your own closure and "
+            'secorder_hooks.hessian_diagonal, the math implementation of attention: attn_implementation="eager" '
+            'for Hugging Face models (from_pretrained(..., attn_implementation="eager")), or the forward inside '
+            "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)."
+        )
     return UnsupportedOperationError(
         f"the exact Hessian needs the second-order term of the operation {name} between parameter '{param}' and "
         f"the loss, and {why}. DiagGGNExact and the first-order quantities support this model; for DiagHessian, "

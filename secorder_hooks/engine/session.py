@@ -15,6 +15,7 @@ from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from secorder_hooks.engine.broadcast import Watched, root_batch_size, watch
 from secorder_hooks.engine.kronecker import check_kronecker_support
 from secorder_hooks.engine.mode import EngineMode
 from secorder_hooks.engine.options import EngineOptions
@@ -124,6 +125,11 @@ class Session:
         # gradients enabled, never backpropagated, leaves nothing behind once its tensors are dropped.
         self._loss_calls: GraphOwned[_LossEntry] = GraphOwned()
         self.misused: GraphOwned[Misuse] = GraphOwned()
+        self.batch_size: int | None = None
+        """Examples of the model call running now (dim 0 of its first tensor input), if known."""
+        self.watched: dict[int, Watched] = {}
+        """Outputs of one-output calls of the running model call, by id, for broadcasts over the examples
+        (see engine.broadcast); emptied when the call returns."""
         self._active: Counter[int] = Counter()
         self._handles: list[RemovableHandle] = []
         self._mode: EngineMode | None = EngineMode(self)
@@ -165,7 +171,8 @@ class Session:
                     if rp.form is Form.PARAMETRIZE:
                         hook = self._capture_parametrization(module, rp.name)
                         self._handles.append(module.parametrizations[rp.name].register_forward_hook(hook))
-            self._handles.append(self.model.register_forward_hook(self._record_root))
+            self._handles.append(self.model.register_forward_pre_hook(self._enter_root, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._record_root, always_call=True))
             self._mode.__enter__()
         except BaseException:
             self.close()
@@ -191,6 +198,7 @@ class Session:
         self._loss_calls.clear()
         self.latest_effective.clear()
         self.misused.clear()
+        self.watched.clear()
 
     # ----------------------------------------------------------------- loss calls
     def add_loss_call(self, call: LossCall) -> None:
@@ -228,7 +236,11 @@ class Session:
                 if module in self.reparametrized:
                     effective = effective_values(module, self.reparametrized[module], self.latest_effective)
                 with torch._C.DisableTorchFunction():
-                    return self.records.record(module, name, args, kwargs, output, effective)
+                    count = self.records.pending_count
+                    replaced = self.records.record(module, name, args, kwargs, output, effective, self.batch_size)
+                    if self.batch_size is not None and self.records.pending_count > count:
+                        watch(self, self.records.last, output if replaced is None else replaced)
+                    return replaced
             return None
 
         return hook
@@ -241,7 +253,12 @@ class Session:
 
         return hook
 
+    def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.batch_size = root_batch_size(module, args, kwargs)
+
     def _record_root(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.batch_size = None
+        self.watched.clear()  # broadcasts happen inside the model call
         if isinstance(output, Tensor) and output.grad_fn is not None and not self.suspended:
             self.records.seal(output)
 
