@@ -101,10 +101,13 @@ def compare_problem(name: ProblemName, methods: list[Method], reps: int, min_tim
             continue
         if method.peer == Peer.OURS:
             references[method.quantity] = result
-        elif method.quantity == OurQuantity.DIAG_GGN_MC:
+        elif method.quantity in (OurQuantity.DIAG_GGN_MC, OurQuantity.KFAC):
             outcome.agreement = "stochastic: not compared"
         elif method.quantity in references:
-            outcome.agreement = agreement(result, references[method.quantity])
+            reference = references[method.quantity]
+            if method.quantity == OurQuantity.KFLR:  # a peer may compare a subset (its conventions differ elsewhere)
+                reference = {k: v for k, v in reference.items() if k in result}
+            outcome.agreement = agreement(result, reference)
         else:
             outcome.agreement = "unchecked (ours failed)"
         ready.release()

@@ -31,6 +31,8 @@ class OurQuantity(enum.Enum):
     DIAG_GGN_EXACT = "DiagGGNExact"
     DIAG_GGN_MC = "DiagGGNMC(1)"
     DIAG_HESSIAN = "DiagHessian"
+    KFLR = "KFLR"
+    KFAC = "KFAC(1)"
 
 
 _FACTORIES: dict[OurQuantity, Callable[[], Quantity]] = {
@@ -41,6 +43,8 @@ _FACTORIES: dict[OurQuantity, Callable[[], Quantity]] = {
     OurQuantity.DIAG_GGN_EXACT: secorder_hooks.DiagGGNExact,
     OurQuantity.DIAG_GGN_MC: lambda: secorder_hooks.DiagGGNMC(mc_samples=1),
     OurQuantity.DIAG_HESSIAN: secorder_hooks.DiagHessian,
+    OurQuantity.KFLR: secorder_hooks.KFLR,
+    OurQuantity.KFAC: lambda: secorder_hooks.KFAC(mc_samples=1),
 }
 
 ATTRIBUTES = tuple(factory().attribute for factory in _FACTORIES.values())

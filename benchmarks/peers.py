@@ -16,6 +16,7 @@ Peers: BackPACK (``backpack-for-pytorch``), Opacus, torch.func, ASDL (``asdfghjk
   statistics derived from them (no ``.grad``).
 - ASDL: empirical Fisher diagonal (scaled to SumGradSquared), exact and MC Fisher diagonals
   (scaled to the GGN at our scale: ASDL takes :math:`\frac12\|f-y\|^2` for MSE).
+- curvlinops: ``KFACLinearOperator`` factors (TYPE2 for KFLR, MC for KFAC), expand convention as ours.
 - torch-secorder: ``empirical_fisher_diagonal`` (taken as SumGradSquared / c) and
   ``generalized_fisher_diagonal`` (taken as the GGN / c); both square the *batch* gradient,
   so the agreement check flags them.
@@ -27,10 +28,11 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from ours import ATTRIBUTES, OurQuantity, engine_step, make_quantity
 from problems import REAL_MODELS, Problem, num_params
 from timing import reset_parameters
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["Peer", "Method", "Built", "NotRunError", "methods_for", "PEER_MODULES"]
 
@@ -47,6 +49,7 @@ class Peer(enum.Enum):
     TORCH_FUNC = "torch.func"
     ASDL = "ASDL"
     TORCH_SECORDER = "torch-secorder"
+    CURVLINOPS = "curvlinops"
 
 
 PEER_MODULES = {
@@ -56,6 +59,7 @@ PEER_MODULES = {
     Peer.TORCH_FUNC: "torch.func",
     Peer.ASDL: "asdl",
     Peer.TORCH_SECORDER: "torch_secorder",
+    Peer.CURVLINOPS: "curvlinops",
 }
 """Python module of each peer (its distribution's version is read from the installed metadata)."""
 
@@ -117,8 +121,20 @@ def _releaser(problem: Problem, store: dict[str, Result] | None = None) -> Calla
     return release
 
 
-def _params_attr(problem: Problem, attribute: str) -> Result:
-    return {name: getattr(p, attribute).detach() for name, p in problem.model.named_parameters() if p.requires_grad}
+def _flat(value: Tensor | list[Tensor]) -> Tensor:
+    """A tensor, or Kronecker factors concatenated flat (for the agreement check)."""
+    return torch.cat([f.detach().flatten() for f in value]) if isinstance(value, list) else value.detach()
+
+
+def _params_attr(problem: Problem, attribute: str, linear_only: bool = False) -> Result:
+    return {
+        name: _flat(getattr(p, attribute))
+        for module_name, module in problem.model.named_modules()
+        if not linear_only or isinstance(module, nn.Linear)
+        for p_name, p in module.named_parameters(recurse=False)
+        if p.requires_grad
+        for name in [f"{module_name}.{p_name}" if module_name else p_name]
+    }
 
 
 # ---- ours -------------------------------------------------------------------------------
@@ -148,6 +164,8 @@ def _build_backpack(quantity: OurQuantity) -> Callable[[Problem], Built]:
             Q.DIAG_GGN_EXACT: ext.DiagGGNExact,
             Q.DIAG_GGN_MC: lambda: ext.DiagGGNMC(mc_samples=1),
             Q.DIAG_HESSIAN: ext.DiagHessian,
+            Q.KFLR: ext.KFLR,
+            Q.KFAC: lambda: ext.KFAC(mc_samples=1),
         }[quantity]()
         attribute = make_quantity(quantity).attribute
         # Models from other libraries (functional ops in forward) need BackPACK's module converter.
@@ -159,7 +177,48 @@ def _build_backpack(quantity: OurQuantity) -> Callable[[Problem], Built]:
             with backpack.backpack(extension):
                 loss_fn(model(problem.inputs), problem.targets).backward()
 
-        return Built(step, lambda: _params_attr(problem, attribute), _releaser(problem))
+        # BackPACK's convolution factors follow its own convention (see docs/kronecker.rst): compare Linear layers
+        linear_only = quantity in (Q.KFLR, Q.KFAC)
+        return Built(step, lambda: _params_attr(problem, attribute, linear_only), _releaser(problem))
+
+    return build
+
+
+# ---- curvlinops -------------------------------------------------------------------------
+
+
+def _build_curvlinops(quantity: OurQuantity) -> Callable[[Problem], Built]:
+    def build(problem: Problem) -> Built:
+        import curvlinops
+
+        fisher = curvlinops.FisherType.TYPE2 if quantity == Q.KFLR else curvlinops.FisherType.MC
+        params = [p for p in problem.model.parameters() if p.requires_grad]
+        store: dict[str, object] = {}
+
+        def step() -> None:
+            store.clear()
+            linop = curvlinops.KFACLinearOperator(
+                problem.model,
+                problem.loss_fn,
+                params,
+                [(problem.inputs, problem.targets)],
+                fisher_type=fisher,
+                check_deterministic=False,
+                num_data=problem.inputs.shape[0],
+                num_per_example_loss_terms=1,
+            )
+            linop.compute_kronecker_factors()
+            store["linop"] = linop
+
+        def result() -> Result:
+            linop = store["linop"]
+            out: Result = {}
+            for module, b in linop._gradient_covariances.items():
+                out[f"{module}.weight"] = _flat([b, linop._input_covariances[module]])
+                out[f"{module}.bias"] = b.detach().flatten()
+            return out
+
+        return Built(step, result, lambda: store.clear())
 
     return build
 
@@ -341,6 +400,9 @@ def methods_for(peers: list[Peer], quantities: list[OurQuantity]) -> list[Method
     table[(Peer.TORCH_SECORDER, Q.SUM_GRAD_SQUARED)] = (_build_tsec_empirical, "empirical_fisher_diagonal")
     table[(Peer.TORCH_SECORDER, Q.DIAG_GGN_EXACT)] = (_build_tsec_generalized, "generalized_fisher_diagonal")
     table[(Peer.TORCH_SECORDER, Q.DIAG_HESSIAN)] = (_not_run(_per_entry), "hessian_diagonal")
+    for q in (Q.KFLR, Q.KFAC):
+        table[(Peer.BACKPACK, q)] = (_build_backpack(q), "Linear layers compared (conv factors: own convention)")
+        table[(Peer.CURVLINOPS, q)] = (_build_curvlinops(q), "KFACLinearOperator (TYPE2 / MC), no .grad")
     methods = []
     for peer in peers:
         for q in quantities:

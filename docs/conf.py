@@ -17,8 +17,14 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 
-# The package is imported for real: every documented object must import.
-autodoc_mock_imports: list[str] = []
+# The package is imported for real: every documented object must import. The optional
+# laplace-torch integration is documented without laplace installed.
+try:
+    import laplace  # noqa: F401
+
+    autodoc_mock_imports: list[str] = []
+except ImportError:
+    autodoc_mock_imports = ["laplace"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"show-inheritance": True}
@@ -30,7 +36,7 @@ napoleon_use_rtype = False
 # packages are not linked (no network at build time, so no intersphinx inventories).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|nn|collections|enum|typing|tqdm)(\..*)?"),
+    (r"py:.*", r"(torch|nn|collections|enum|typing|tqdm|laplace)(\..*)?"),
     (r"py:class", r"secorder_hooks\..*\.(R|L|_\w+)"),  # type variables and private helpers in signatures
 ]
 exclude_patterns = ["_build"]

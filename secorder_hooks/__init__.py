@@ -24,6 +24,9 @@ from secorder_hooks.errors import (
     UnsupportedOperationError,
 )
 from secorder_hooks.quantities import (
+    EKFAC,
+    KFAC,
+    KFLR,
     Accumulation,
     BatchDiagGGNExact,
     BatchDiagHessian,
@@ -32,9 +35,13 @@ from secorder_hooks.quantities import (
     DiagGGNExact,
     DiagGGNMC,
     DiagHessian,
+    KFACEmpirical,
+    KroneckerQuantity,
+    KronFallback,
     Quantity,
     SumGradSquared,
     Variance,
+    WeightSharing,
 )
 from secorder_hooks.rules import LayerRule, register_rule
 from secorder_hooks.rules.check import check_rule
@@ -68,6 +75,13 @@ __all__ = [
     "DiagGGNMC",
     "DiagHessian",
     "BatchDiagHessian",
+    "KFLR",
+    "KFAC",
+    "KFACEmpirical",
+    "EKFAC",
+    "KroneckerQuantity",
+    "WeightSharing",
+    "KronFallback",
     "SecorderError",
     "ExtensionError",
     "UnsupportedModuleError",

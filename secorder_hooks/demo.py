@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 import secorder_hooks
 from secorder_hooks.errors import SecorderError
-from secorder_hooks.quantities import Quantity
+from secorder_hooks.quantities import EKFAC, Quantity
 
 __all__ = [
     "ProblemName",
@@ -93,7 +93,23 @@ class QuantityResult:
 def available_quantities() -> list[Quantity]:
     """One default instance of every quantity class the package exports."""
     classes = [getattr(secorder_hooks, name) for name in secorder_hooks.__all__]
-    return [cls() for cls in classes if isinstance(cls, type) and issubclass(cls, Quantity) and cls is not Quantity]
+    return [
+        cls()
+        for cls in classes
+        if isinstance(cls, type) and issubclass(cls, Quantity) and hasattr(cls, "attribute")  # not the base classes
+    ]
+
+
+def _norm(value: Tensor | list[Tensor], quantity: Quantity) -> float:
+    """Frobenius norm of a quantity's value, for Kronecker factors that of the block they stand for.
+
+    ``||B (x) A|| = ||B|| ||A||``; EK-FAC's block has the norm of its diagonal ``S`` (its bases are orthogonal).
+    """
+    if isinstance(value, Tensor):
+        return value.norm().item()
+    if isinstance(quantity, EKFAC):
+        return value[-1].norm().item()
+    return math.prod(f.norm().item() for f in value)
 
 
 def _mlp(batch_size: int) -> Problem:
@@ -202,7 +218,7 @@ def run_problem(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(SEED)
                 with_quantity()
-            norms = {name: getattr(p, quantity.attribute).norm().item() for name, p in params.items()}
+            norms = {name: _norm(getattr(p, quantity.attribute), quantity) for name, p in params.items()}
             ratio, seconds = _median_ratio(with_quantity, problem.forward_backward, repeats)
         except (NotImplementedError, SecorderError) as err:
             results.append(QuantityResult(quantity, None, {}, f"{type(err).__name__}: {err}"))

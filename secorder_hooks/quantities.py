@@ -35,6 +35,14 @@ __all__ = [
     "DiagGGNMC",
     "DiagHessian",
     "BatchDiagHessian",
+    "WeightSharing",
+    "KronFallback",
+    "KroneckerQuantity",
+    "KroneckerFactors",
+    "KFLR",
+    "KFAC",
+    "KFACEmpirical",
+    "EKFAC",
 ]
 
 
@@ -61,6 +69,10 @@ class Accumulation(enum.Enum):
     """One row per example; the passes' values are concatenated along dim 0 (``grad_batch``)."""
     VARIANCE = "variance"
     """The variance over all examples of the passes, from their running sums (``variance``)."""
+    KRONECKER = "kronecker"
+    """Kronecker factors (a :class:`~secorder_hooks.quantities.KroneckerFactors` list): the output
+    factors and diagonals add up, the input factor (a mean over examples) becomes the mean over
+    all examples of the passes."""
 
 
 @dataclass(frozen=True)
@@ -221,3 +233,190 @@ class BatchDiagHessian(Quantity):
     order: ClassVar[Order] = Order.SECOND
     accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
     shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
+
+
+# ----------------------------------------------------------------------------- Kronecker factors
+class KroneckerFactors(list):
+    """The list of factors a Kronecker quantity attaches, remembering which one is a mean.
+
+    Attributes:
+        mean_index: Position of the input factor :math:`A` (a mean over examples), ``None``
+            for a bias, a fallback diagonal or EK-FAC's bases (sums only).
+    """
+
+    def __init__(self, factors: list[torch.Tensor], mean_index: int | None = None) -> None:
+        super().__init__(factors)
+        self.mean_index = mean_index
+
+
+class WeightSharing(enum.Enum):
+    r"""How a Kronecker factor treats the positions ``t`` a weight is shared over.
+
+    Positions are the leading axes of a Linear layer's input ``[N, *, I]`` other than
+    dim 0, and the output locations of a convolution (its input patches). The two
+    approximations are those of Eschenhagen et al. (2023), as curvlinops defines them;
+    with :math:`a_{nt}` the input (patch) at position :math:`t` of :math:`T` and
+    :math:`g_{vnt}` column :math:`v` at the output:
+    """
+
+    EXPAND = "expand"
+    r"""Positions count as extra examples, with :math:`A = \frac{1}{NT} \sum_{n,t} a_{nt} a_{nt}^\top`,
+    :math:`B = \sum_{v,n,t} w_{vn} g_{vnt} g_{vnt}^\top`. Exact for linear models with a loss
+    term per position."""
+    REDUCE = "reduce"
+    r"""Positions are pooled first, with :math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` with
+    :math:`\bar a_n = \frac1T \sum_t a_{nt}`, :math:`B = \sum_{v,n} w_{vn} \bar g_{vn} \bar g_{vn}^\top`
+    with :math:`\bar g_{vn} = \sum_t g_{vnt}`. Exact for linear models whose positions are
+    averaged before the loss."""
+
+
+class KronFallback(enum.Enum):
+    """What a Kronecker quantity does for a parameter whose layer has no Kronecker rule."""
+
+    ERROR = "error"
+    """Raise :class:`~secorder_hooks.UnsupportedModuleError` when ``extend()`` starts."""
+    DIAGONAL = "diagonal"
+    """Attach ``[d]``: the exact diagonal ``d`` (1-D, ``p.numel()`` entries, row-major) of the
+    parameter's block of the same curvature matrix (e.g. ``diag_ggn_exact.flatten()`` for
+    :class:`KFLR`)."""
+
+
+@dataclass(frozen=True)
+class KroneckerQuantity(Quantity):
+    r"""Kronecker factors of the diagonal blocks of a curvature matrix, per parameter.
+
+    For a Linear or convolution layer with weight :math:`W` (``[O, I]``, a convolution's
+    flattened to ``[C_out, C_in / G * prod(kernel)]``) the block of ``vec(W)`` (row-major,
+    PyTorch's ``W.flatten()``) is approximated by :math:`B \otimes A`:
+
+    * :math:`A` is the second moment of the layer input :math:`a` (a convolution's
+      unfolded input patches), a *mean* over the :math:`N` examples (and positions, see
+      :class:`WeightSharing`);
+    * :math:`B` is the second moment of the columns :math:`g_v` backpropagated to the
+      layer output, a *sum* over columns, examples (and positions) weighted by
+      :math:`w_{vn}`, so it carries the reduction factor :math:`c` of the loss.
+
+    For one example (``N = 1``) without positions, :math:`B \otimes A` *is* the block:
+    :math:`\sum_v w_v (g_v \otimes a)(g_v \otimes a)^\top`. The attribute ``p.<name>`` is a
+    list of factors whose Kronecker product, in list order, approximates the block of
+    ``p.flatten()``, as BackPACK writes it: ``[B, A]`` for a weight, ``[B]`` for a bias.
+    The bias is the weight of a constant input 1, folded in as an extra last coordinate of
+    :math:`a`: with ``separate_weight_and_bias=False`` the weight gets ``[B, A']``,
+    :math:`A'` over ``(a, 1)`` (``I + 1`` square), approximating the joint block of the
+    rows ``[W | b]``, and the bias gets no attribute; separated (the default), the bias's
+    factor is :math:`B A'_{I+1, I+1} = B`.
+
+    A convolution with ``groups = G > 1`` gets ``[B, A]`` with ``B`` ``[G, O/G, O/G]`` and
+    ``A`` ``[G, I, I]``: its block is block diagonal over groups, group ``g``'s being
+    :math:`B_g \otimes A_g` (the bias gets the full ``[O, O]`` block diagonal of the
+    :math:`B_g`). A module called several times in one forward pass (or a parameter
+    shared by several modules) gets the sums over its calls of both :math:`A` and
+    :math:`B`, as curvlinops accumulates them. A factor of dim 1 is a diagonal (see
+    :class:`KronFallback`).
+
+    Scaling: :math:`B \otimes A` approximates the same matrix as the diagonal quantity
+    named in each subclass, including its factor :math:`c`; BackPACK's convolution
+    factors differ (see :doc:`/kronecker`).
+
+    Attributes:
+        sharing: Treatment of weight-sharing positions.
+        separate_weight_and_bias: Separate factors for weight and bias (default), or one
+            joint pair with the bias folded into :math:`A`.
+        fallback: What parameters of layers without a Kronecker rule get.
+    """
+
+    sharing: WeightSharing = WeightSharing.EXPAND
+    separate_weight_and_bias: bool = True
+    fallback: KronFallback = KronFallback.ERROR
+
+    accumulation: ClassVar[Accumulation] = Accumulation.KRONECKER
+
+    def __post_init__(self) -> None:
+        for name, kind in (("sharing", WeightSharing), ("fallback", KronFallback)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    choices = [m.value for m in kind]
+                    raise ValueError(
+                        f"{type(self).__name__}({name}={value!r}): expected a {kind.__name__} or one of {choices}."
+                    ) from None
+
+
+@dataclass(frozen=True)
+class KFLR(KroneckerQuantity):
+    r"""Kronecker factors of the GGN / exact Fisher blocks (exact loss-Hessian square-root columns).
+
+    :math:`B \otimes A` approximates the block of :math:`G = c \sum_n J_n^\top (\partial^2
+    \ell_n / \partial f_n^2) J_n`, the matrix whose diagonal is :class:`DiagGGNExact`.
+    See :class:`KroneckerQuantity` for the factors and options.
+    """
+
+    attribute: ClassVar[str] = "kflr"
+    order: ClassVar[Order] = Order.SECOND
+
+
+@dataclass(frozen=True)
+class KFAC(KroneckerQuantity):
+    r"""Kronecker factors of the Monte-Carlo Fisher blocks.
+
+    :math:`B` is built from ``mc_samples`` sampled columns per example (the gradient of
+    the loss at a target drawn from the model's predictive distribution, scaled by
+    :math:`1/\sqrt{M}`), so :math:`E[B] \otimes A` equals :class:`KFLR`'s product
+    exactly. See :class:`KroneckerQuantity` for the factors and options.
+
+    Attributes:
+        mc_samples: Number of samples per example, at least 1.
+        generator: Optional :class:`torch.Generator` that makes the samples reproducible.
+    """
+
+    mc_samples: int = 1
+    generator: torch.Generator | None = field(default=None, compare=False)
+
+    attribute: ClassVar[str] = "kfac"
+    order: ClassVar[Order] = Order.SECOND
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ValueError(f"KFAC(mc_samples=...) must be a positive int, got {self.mc_samples!r}.")
+
+
+@dataclass(frozen=True)
+class KFACEmpirical(KroneckerQuantity):
+    r"""Kronecker factors of the empirical Fisher blocks (the gradient column).
+
+    :math:`B` is built from the gradient of :math:`L` at the layer output, so
+    :math:`B \otimes A` approximates :math:`\sum_n (c \nabla \ell_n)(c \nabla \ell_n)^\top`,
+    the matrix whose diagonal is :class:`SumGradSquared` (divide by :math:`c` for the
+    empirical Fisher :math:`c \sum_n \nabla \ell_n \nabla \ell_n^\top`). Needs no curvature
+    columns. See :class:`KroneckerQuantity` for the factors and options.
+    """
+
+    attribute: ClassVar[str] = "kfac_empirical"
+    order: ClassVar[Order] = Order.FIRST
+
+
+@dataclass(frozen=True)
+class EKFAC(KroneckerQuantity):
+    r"""Eigenvalue-corrected Kronecker factors of the GGN blocks (George et al., 2018).
+
+    With the factors of :class:`KFLR` (same options) decomposed as
+    :math:`A = Q_A \Lambda_A Q_A^\top` and :math:`B = Q_B \Lambda_B Q_B^\top`, a weight's block
+    is approximated by :math:`(Q_B \otimes Q_A) \operatorname{diag}(\operatorname{vec} S)
+    (Q_B \otimes Q_A)^\top` with the per-example corrected diagonal
+
+    .. math:: S = \sum_{v,n} w_{vn} \big(Q_B^\top G_{vn} Q_A\big)^{\odot 2},
+
+    :math:`G_{vn}` the ``[O, I']`` gradient of example :math:`n` for loss-Hessian column
+    :math:`v` (summed over the calls of the module first): :math:`S` is exactly the diagonal
+    of the GGN block in the Kronecker eigenbasis, so the approximation keeps the block's
+    projection onto that basis. Attribute ``ekfac``: ``[Q_B, Q_A, S]`` for a weight
+    (``[Q_A, Q_B, S]`` with ``S`` ``[E, D]`` for an embedding, input first), ``[Q_B, s]``
+    for a bias; grouped convolutions carry a leading group axis on all three. Costs a
+    second pass of the columns, which materializes per-example gradients one column at a time.
+    """
+
+    attribute: ClassVar[str] = "ekfac"
+    order: ClassVar[Order] = Order.SECOND

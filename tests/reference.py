@@ -105,6 +105,37 @@ def ggn_diagonal(
     return result
 
 
+def ggn_blocks(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """``[P, P]`` diagonal block of ``J^T (d^2 L / df^2) J`` of each parameter tensor (row-major ``p.flatten()``)."""
+    params = trainable(model)
+    out = functional_call(model, params, (x,)).detach()
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    h_out = hessian(lambda f: loss_fn(f, y))(out).reshape(out.numel(), out.numel())
+    blocks = {}
+    for name, v in params.items():
+        j = jac[name].reshape(out.numel(), v.numel())
+        blocks[name] = j.T @ h_out @ j
+    return blocks
+
+
+def joint_ggn_block(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, weight: str, bias: str) -> Tensor:
+    """GGN block of the rows ``[W | b]`` of a layer, row-major over ``[O, I + 1]``."""
+    params = trainable(model)
+    out = functional_call(model, params, (x,)).detach()
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    h_out = hessian(lambda f: loss_fn(f, y))(out).reshape(out.numel(), out.numel())
+    o = params[weight].shape[0]
+    j = torch.cat([jac[weight].reshape(out.numel(), o, -1), jac[bias].reshape(out.numel(), o, 1)], dim=2)
+    j = j.reshape(out.numel(), -1)
+    return j.T @ h_out @ j
+
+
+def empirical_blocks(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """``sum_n g_n g_n^T`` per parameter tensor, ``g_n`` example n's gradient term of L (``grad_batch``)."""
+    grads = per_example_grads(model, loss_fn, x, y)
+    return {k: g.flatten(1).T @ g.flatten(1) for k, g in grads.items()}
+
+
 def _examples(x: object) -> int:
     """Dim 0 of the first tensor among the model's arguments."""
     if isinstance(x, dict):

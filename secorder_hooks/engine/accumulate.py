@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from secorder_hooks.errors import ExtensionError
-from secorder_hooks.quantities import Accumulation, Quantity
+from secorder_hooks.quantities import EKFAC, Accumulation, KroneckerFactors, Quantity
 
 if TYPE_CHECKING:
     from secorder_hooks.engine.session import Session
@@ -243,6 +243,8 @@ class Window:
                     result = _add(old, value)
                 elif q.accumulation is Accumulation.CONCATENATE:
                     result = _concatenate(old, value, before, values.examples)
+                elif q.accumulation is Accumulation.KRONECKER:
+                    result = _combine_factors(old, value, before, values.examples, session.param_names[key], q)
                 else:
                     square_sum = _add(state.square_sum if state is not None else None, value)
                     n = total if values.summed_examples is None else before + values.summed_examples
@@ -290,6 +292,24 @@ def _all_zero(grads: list[Tensor]) -> list[bool]:
         for i, flag in zip(indices, nonzero):
             result[i] = not flag
     return result
+
+
+def _combine_factors(
+    old: KroneckerFactors | None, new: KroneckerFactors | None, before: int, added: int, name: str, q: Quantity
+) -> KroneckerFactors | None:
+    """Kronecker factors of two windows: sums add up, the input factor (a mean) becomes the mean over both."""
+    if old is None or new is None:
+        return new if old is None else old
+    if isinstance(q, EKFAC) and len(new) > 1:
+        raise ExtensionError(
+            f"parameter '{name}': EKFAC's eigenbases of one backward pass cannot be combined with another's. Call "
+            "model.zero_grad() between the passes, or pass extend(..., accumulate=False)."
+        )
+    total = before + added
+    combined = [
+        (o * before + n * added) / total if i == new.mean_index else o + n for i, (o, n) in enumerate(zip(old, new))
+    ]
+    return KroneckerFactors(combined, new.mean_index)
 
 
 def _add(old: Tensor | None, new: Tensor | None) -> Tensor | None:

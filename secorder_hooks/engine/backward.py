@@ -30,6 +30,7 @@ from secorder_hooks.engine.graph import (
     reached_parameters,
     reentrant_checkpoint,
 )
+from secorder_hooks.engine.kronecker import assemble_empirical_kronecker
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
 from secorder_hooks.engine.residuals import internal_nodes
@@ -173,6 +174,7 @@ def _quantities(
     try:
         with torch.set_grad_enabled(create_graph):
             assemble_first_order(session, contributions, values)
+            assemble_empirical_kronecker(session, contributions, values)
             if plan is not None:
                 plan.run(contributions, values)
             if shards is not None:

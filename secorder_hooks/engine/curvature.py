@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from math import prod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -32,6 +32,7 @@ from secorder_hooks.engine.broadcast import replica_own_term
 from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
 from secorder_hooks.engine.graph import REENTRANT_CHECKPOINT_ADVICE, only_input, reentrant_checkpoint
+from secorder_hooks.engine.kronecker import EigenSums, KronSums
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples
 from secorder_hooks.engine.records import CallRecord
@@ -41,6 +42,9 @@ from secorder_hooks.engine.rowwise import block_columns, row_blocks
 from secorder_hooks.errors import ExtensionError, UnsupportedLossError, UnsupportedOperationError
 from secorder_hooks.losses.base import LossTerm, SqrtColumns
 from secorder_hooks.quantities import (
+    EKFAC,
+    KFAC,
+    KFLR,
     BatchDiagGGNExact,
     BatchDiagHessian,
     DiagGGNExact,
@@ -73,6 +77,17 @@ per column): all columns at once 10.9 x T0, one at a time 5.5 x T0; on the MLP p
 _PER_EXAMPLE = (BatchDiagGGNExact, BatchDiagHessian)
 
 
+class ColumnSink(Protocol):
+    """What a column pass feeds: a running sum over blocks of vectors."""
+
+    def accumulate(self, results: ColumnResults, params: Params) -> None:
+        """Add the contribution of one block of vectors (``results``) for each of ``params``."""
+
+
+Params = Sequence[tuple[int, list[tuple[CallRecord, str]]]]
+"""``(parameter id, its contributing (record, name) pairs)`` reached by a column pass."""
+
+
 class Diagonals:
     """Running sums of diagonal contributions per parameter id.
 
@@ -87,6 +102,11 @@ class Diagonals:
     def add(self, key: int, value: Tensor) -> None:
         """Add ``value`` to the running sum of parameter ``key``."""
         self.values[key] = value if key not in self.values else self.values[key] + value
+
+    def accumulate(self, results: ColumnResults, params: Params) -> None:
+        r"""Add :math:`\sum_v w_{vn} (g^{(v)}_n)^2` of one block of vectors for each of ``params``."""
+        for key, parts in params:
+            self.add(key, results.weighted_squared_sum(parts, self.per_example))
 
     def get(self, key: int, like: Tensor, batch_size: int) -> Tensor:
         """The sum for ``key``, zeros shaped like ``like`` (per example if kept) if none."""
@@ -139,7 +159,15 @@ class CurvaturePlan:
                 "so the loss couples the examples and per-example curvature is undefined. Keep each row of the loss "
                 "input within one example, or request the total (DiagGGNExact, DiagHessian)."
             )
-        if any(isinstance(q, DiagGGNMC) for q in session.quantities) and not _can_sample(term):
+        kron = [q for q in session.quantities if isinstance(q, (KFLR, KFAC, EKFAC))]
+        if kron and rows.example_units is not None:
+            raise UnsupportedLossError(
+                f"{type(kron[0]).__name__}: rows of the loss input {term.name} (shape {tuple(term.shape)}) depend on "
+                f"several examples, through {rows.coupling} (e.g. a reshape that merges rows of different examples), "
+                "so the loss couples the examples and the Kronecker factors, built per example, are undefined. Keep "
+                "each row of the loss input within one example, or request the total (DiagGGNExact, DiagHessian)."
+            )
+        if any(isinstance(q, (DiagGGNMC, KFAC)) for q in session.quantities) and not _can_sample(term):
             term.sample_sqrt_hessian(1)  # raises UnsupportedLossError naming the loss
         sites: list[CurvedSite] = []
         if any(isinstance(q, _HESSIAN) for q in session.quantities):
@@ -167,21 +195,41 @@ class CurvaturePlan:
         ggn = None
         if any(q in quantities for q in (DiagGGNExact, BatchDiagGGNExact, *_HESSIAN)):
             ggn = Diagonals(per_example)
+        kflr = KronSums(quantities[KFLR]) if KFLR in quantities else None
+        ekfac = KronSums(quantities[EKFAC]) if EKFAC in quantities else None
+        exact_sinks = [sink for sink in (ggn, kflr, ekfac) if sink is not None]
+        if exact_sinks:
             blocks = _split(split_columns(self.term.sqrt_hessian(), self.rows), sqrt_chunk)
-            column_pass(contributions, (self.term.edge,), blocks, records, ggn, self.rows.example_units)
+            column_pass(contributions, (self.term.edge,), blocks, records, *exact_sinks, units=self.rows.example_units)
         mc = None
-        if DiagGGNMC in quantities:
-            q = quantities[DiagGGNMC]
-            mc = Diagonals(per_example=False)
-            sampled = SqrtColumns(self.term.sample_sqrt_hessian(q.mc_samples, q.generator))
-            blocks = _split(split_columns(sampled, self.rows), sqrt_chunk)
-            column_pass(contributions, (self.term.edge,), blocks, records, mc, self.rows.example_units)
+        for kind in (DiagGGNMC, KFAC):
+            if kind in quantities:
+                q = quantities[kind]
+                sink = Diagonals(per_example=False) if kind is DiagGGNMC else KronSums(q)
+                draws = SqrtColumns(self.term.sample_sqrt_hessian(q.mc_samples, q.generator))
+                blocks = _split(split_columns(draws, self.rows), sqrt_chunk)
+                column_pass(contributions, (self.term.edge,), blocks, records, sink, units=self.rows.example_units)
+                if kind is DiagGGNMC:
+                    mc = sink
+                else:
+                    sink.put(self.session, contributions, into)
+        if kflr is not None:
+            kflr.put(self.session, contributions, into)
+        if ekfac is not None:
+            self._ekfac(ekfac, contributions, records, into)
         residual = None
         if any(q in quantities for q in _HESSIAN):
             residual = Diagonals(per_example)
             self._residuals(contributions, records, residual, chunk)
             self._own_terms(contributions, residual)
         self._attach(contributions, quantities, ggn, mc, residual, into)
+
+    def _ekfac(self, kron: KronSums, contributions: Contributions, records: list[CallRecord], into: PassValues) -> None:
+        """Eigenbases of the KFLR factors, then a second pass of the columns, one at a time, for the diagonals."""
+        eigen = EigenSums(kron.factors(self.session, contributions), contributions, kron.quantity)
+        sqrt = split_columns(self.term.sqrt_hessian(), self.rows)
+        column_pass(contributions, (self.term.edge,), _split(sqrt, 1), records, eigen)
+        eigen.put(into)
 
     def _residuals(self, contributions: Contributions, records: list[CallRecord], into: Diagonals, chunk: int | None):
         for site in self.sites:
@@ -379,17 +427,18 @@ def column_pass(
     sources: Sequence,
     blocks: Iterator[tuple[tuple[Tensor, ...], Tensor | None]],
     targets: Sequence[CallRecord],
-    into: Diagonals,
+    *sinks: ColumnSink,
     units: Tensor | None = None,
 ) -> None:
-    r"""Backpropagate column blocks and add :math:`\sum_v w_{vn} (g^{(v)}_n)^2` per parameter.
+    r"""Backpropagate column blocks and feed each to every sink (e.g. :math:`\sum_v w_{vn} (g^{(v)}_n)^2`).
 
     Args:
         contributions: The contributing calls and their rules.
         sources: Gradient edges the columns start at.
         blocks: ``(columns per source [V, *source], weights [V, U] or None)`` chunks.
         targets: The records the columns can reach.
-        into: Where to accumulate (not per example if ``units`` is given).
+        sinks: Where to accumulate (:class:`Diagonals`, :class:`~secorder_hooks.engine.kronecker.KronSums`;
+            only :class:`Diagonals`, not per example, if ``units`` is given).
         units: ``[N]`` unit of each example: the per-example gradients are summed over
             each unit before squaring (:math:`\sum_v w_{vu} (\sum_{n \in u} g^{(v)}_n)^2`);
             ``None``: the units are the examples.
@@ -406,13 +455,17 @@ def column_pass(
             return outs[0] if len(outs) == 1 else outs
 
         results = ColumnResults(contributions, grad_outputs, weights)
-        for key, parts in params:
+        for sink in sinks:
             if units is None:
-                into.add(key, results.weighted_squared_sum(parts, into.per_example))
+                sink.accumulate(results, params)
                 continue
-            g = results.per_example_grads(parts)  # [V, N, *p]
-            summed = g.new_zeros(g.shape[0], int(units.max()) + 1, *g.shape[2:]).index_add_(1, units.to(g.device), g)
-            into.add(key, weighted_square_reduce(summed, weights, per_example=False))
+            if not isinstance(sink, Diagonals) or sink.per_example:
+                raise ExtensionError("column_pass: rows coupling examples are supported for total diagonals only.")
+            for key, parts in params:
+                g = results.per_example_grads(parts)  # [V, N, *p]
+                zeros = g.new_zeros(g.shape[0], int(units.max()) + 1, *g.shape[2:])
+                summed = zeros.index_add_(1, units.to(g.device), g)
+                sink.add(key, weighted_square_reduce(summed, weights, per_example=False))
 
 
 def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) -> dict[int, Tensor]:
@@ -450,7 +503,7 @@ def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) 
     session.records.paused = True
     try:
         chunk = _sqrt_chunk(records, session.options.column_chunk_size)
-        column_pass(contributions, (term.edge,), _split(sqrt, chunk), records, into, rows.example_units)
+        column_pass(contributions, (term.edge,), _split(sqrt, chunk), records, into, units=rows.example_units)
     finally:
         session.records.paused = False
     return into.values

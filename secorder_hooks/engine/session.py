@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
 from secorder_hooks.engine.broadcast import Watched, root_batch_size, watch
+from secorder_hooks.engine.kronecker import check_kronecker_support
 from secorder_hooks.engine.mode import EngineMode
 from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.records import GraphOwned, RecordStore
@@ -118,6 +119,7 @@ class Session:
                 f"extend() got a model ({type(model).__name__}) without trainable parameters; "
                 "there is nothing to compute. Check requires_grad of its parameters."
             )
+        check_kronecker_support(self)
         self.records = RecordStore()
         # Owned by the graphs of the forward passes (see GraphOwned): an evaluation forward with
         # gradients enabled, never backpropagated, leaves nothing behind once its tensors are dropped.

@@ -25,6 +25,8 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from secorder_hooks.quantities import WeightSharing
+
 __all__ = [
     "LayerRule",
     "FunctionRule",
@@ -164,6 +166,44 @@ class LayerRule:
             ``[V, N, *in]``, or ``None`` when the rule has no closed form (the default).
         """
         return None
+
+    kronecker_input_first: bool = False
+    """Whether the weight's block is :math:`A \\otimes B` (rows of the weight index the input, as for
+    ``nn.Embedding``) instead of :math:`B \\otimes A` (rows index the output, Linear and convolutions)."""
+
+    def kronecker_input(
+        self, module: nn.Module, inputs: Sequence[Tensor], sharing: WeightSharing, fold_bias: bool
+    ) -> Tensor | None:
+        r"""The input factor :math:`A` of the Kronecker quantities, ``[G, I', I']``.
+
+        :math:`A = \frac{1}{N} \sum_n (\ldots)` is the second moment of the layer input
+        :math:`a = x`, or :math:`a = (x, 1)` with ``fold_bias`` (the bias coordinate last; asked
+        only of modules with a trainable ``bias``), a mean over the examples; how positions
+        enter is set by ``sharing``
+        (``secorder_hooks.rules.kronecker``). The engine gives a Kronecker block
+        :math:`B \otimes A` to the module's ``weight`` (``[O, ...]``, flattened row-major,
+        ``G`` groups of ``O / G`` rows) and ``B`` to its ``bias``.
+
+        Returns:
+            ``[G, I', I']``, or ``None`` for a module without a Kronecker rule (the default).
+        """
+        return None
+
+    def kronecker_output(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        weights: Tensor | None,
+        sharing: WeightSharing,
+    ) -> Tensor:
+        r"""The output factor :math:`B = \sum_{v,n} w_{vn} (\ldots)` of vectors ``[V, N, *out]``, ``[G, O/G, O/G]``.
+
+        A sum over vectors and examples of the second moment of the vectors at the
+        output (positions as ``sharing`` says). Only called where :meth:`kronecker_input`
+        is not ``None``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no Kronecker rule.")
 
     def touches_one_output(self, module: nn.Module, inputs: Sequence[Tensor]) -> bool:
         """Whether each parameter entry affects at most one output element per example.

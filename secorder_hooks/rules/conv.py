@@ -24,7 +24,9 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from secorder_hooks.errors import UnsupportedModuleError
+from secorder_hooks.quantities import WeightSharing
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, weighted_square_reduce
+from secorder_hooks.rules.kronecker import input_moment, output_moment
 from secorder_hooks.rules.linear import _chunks, outer_sum_squared_norms, outer_sum_weighted_squares, outer_sums
 
 __all__ = ["ConvRule", "conv_padding", "grouped_weight_grads", "shifted_weight_grads", "unfold_patches"]
@@ -374,3 +376,20 @@ class ConvRule(LayerRule):
             r_sum = output_weights.flatten(2).sum(-1)
             result["bias"] = r_sum if per_example else r_sum.sum(0)
         return result
+
+    def kronecker_input(
+        self, module: nn.Module, inputs: Sequence[Tensor], sharing: WeightSharing, fold_bias: bool
+    ) -> Tensor:
+        """``[G, I', I']``: the input factor over the unfolded patches, output locations as positions."""
+        return input_moment(unfold_patches(module, inputs[0].detach()), fold_bias, sharing)
+
+    def kronecker_output(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        weights: Tensor | None,
+        sharing: WeightSharing,
+    ) -> Tensor:
+        """``[G, O/G, O/G]``: the output factor of vectors ``[V, N, C_out, *O]``, output locations as positions."""
+        return output_moment(_grouped_vectors(module, grad_output), weights, sharing)

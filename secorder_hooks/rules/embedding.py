@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from secorder_hooks.errors import UnsupportedModuleError
+from secorder_hooks.quantities import WeightSharing
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule
+from secorder_hooks.rules.kronecker import output_moment
 
 __all__ = ["EmbeddingRule"]
 
@@ -86,7 +88,16 @@ class _Positions:
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
-    """Exact per-example quantities of ``nn.Embedding`` (dense, without ``max_norm``)."""
+    r"""Exact per-example quantities of ``nn.Embedding`` (dense, without ``max_norm``).
+
+    Kronecker factors: the input of position ``t`` is the scaled one-hot vector
+    :math:`a_{nt} = s_{nt} e_{i_{nt}}` (``s`` the padding mask and frequency scale), so the
+    weight ``[E, D]`` (rows indexed by the input) gets ``[A, B]``: its block is
+    :math:`A \otimes B` for row-major ``W.flatten()``, input factor *first*
+    (:attr:`kronecker_input_first`).
+    """
+
+    kronecker_input_first = True
 
     def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
         """``{name: [V, N, *p.shape]}``: per-example gradients of each vector (see the module docstring)."""
@@ -135,3 +146,36 @@ class EmbeddingRule(LayerRule):
         if pos.scale is not None:  # the derivative carries the scale, so its square carries it twice
             pos.vectors = pos.vectors * pos.scale[:, None]
         return {"weight": pos.dense(per_example)[0]}
+
+    def kronecker_input(
+        self, module: nn.Module, inputs: Sequence[Tensor], sharing: WeightSharing, fold_bias: bool = False
+    ) -> Tensor:
+        r"""``[1, E, E]``: the input factor of the scaled one-hot inputs.
+
+        :math:`\frac{1}{NT}\operatorname{diag}(\sum_{n,t} s_{nt}^2 e_{i_{nt}})` (expand) or
+        :math:`\frac1N \sum_n \bar a_n \bar a_n^\top` with :math:`\bar a_n = \frac1T \sum_t a_{nt}` (reduce).
+        """
+        indices = inputs[0]
+        pos = _Positions(module, indices, module.weight.new_zeros(1, *indices.shape, 1))
+        n, t = pos.index.shape
+        flat = pos.index.flatten()
+        scale = pos.scale
+        if scale is None:
+            scale = torch.ones(flat.numel(), dtype=module.weight.dtype, device=flat.device)
+        if sharing is WeightSharing.EXPAND:
+            diag = scale.new_zeros(pos.e).index_add_(0, flat, scale.square()).div_(n * t)
+            return torch.diag(diag).unsqueeze(0)
+        mean = scale.new_zeros(n * pos.e).index_add_(0, pos.key, scale).reshape(n, pos.e).div_(t)
+        return (mean.T @ mean).div_(n).unsqueeze(0)
+
+    def kronecker_output(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        weights: Tensor | None,
+        sharing: WeightSharing,
+    ) -> Tensor:
+        """``[1, D, D]``: the output factor of vectors ``[V, N, *, D]`` over positions."""
+        g = grad_output.reshape(*grad_output.shape[:2], 1, -1, grad_output.shape[-1])
+        return output_moment(g, weights, sharing)

@@ -22,7 +22,9 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
+from secorder_hooks.quantities import WeightSharing
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, square_sum, weighted_square_reduce
+from secorder_hooks.rules.kronecker import input_moment, output_moment
 
 __all__ = [
     "LinearRule",
@@ -247,6 +249,27 @@ class LinearRule(LayerRule):
     def input_vjp(self, module: nn.Module, inputs: Sequence[Tensor], vectors: Tensor) -> Tensor:
         """``[V, N, *, in]``: :math:`v W` at every position."""
         return vectors @ module.weight.detach()
+
+    def kronecker_input(
+        self, module: nn.Module, inputs: Sequence[Tensor], sharing: WeightSharing, fold_bias: bool
+    ) -> Tensor:
+        """``[1, I', I']``: the input factor over the positions of ``[N, *, I]`` inputs.
+
+        See ``secorder_hooks.rules.kronecker``.
+        """
+        return input_moment(_flat_positions(inputs[0].detach()).unsqueeze(1), fold_bias, sharing)
+
+    def kronecker_output(
+        self,
+        module: nn.Module,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        weights: Tensor | None,
+        sharing: WeightSharing,
+    ) -> Tensor:
+        """``[1, O, O]``: the output factor of vectors ``[V, N, *, O]``."""
+        _, g = _grouped(inputs[0], grad_output)
+        return output_moment(g, weights, sharing)
 
     def touches_one_output(self, module: nn.Module, inputs: Sequence[Tensor]) -> bool:
         """True for ``[N, in]`` inputs: ``W[o, i]`` and ``b[o]`` only reach ``out[n, o]``."""

@@ -1,0 +1,1 @@
+"""Adapters that let other libraries use the hook engine (optional dependencies)."""
