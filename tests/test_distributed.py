@@ -244,8 +244,50 @@ def check_accumulation(ranks: list[dict]) -> None:
         assert "cannot be combined under DistributedDataParallel" in got["variance_error"]
 
 
+def kronecker_shard_values(name: str, reduction: str, rank: int | None) -> dict[str, dict[str, list[Tensor]]]:
+    """The Kronecker factors one process computes on a shard (``rank``) or the whole batch (``None``)."""
+    model, x, y, case = worker.global_batch(name)
+    if rank is not None:
+        x, y = worker.shard(rank, x, y)
+    quantities = worker.kronecker_quantities(0 if rank is None else rank)
+    with sh.extend(model, *quantities):
+        case.loss_fn(reduction)(model(x), y).backward()
+    present = lambda p: [q.attribute for q in quantities if hasattr(p, q.attribute)]  # noqa: E731
+    return {k: {a: getattr(p, a) for a in present(p)} for k, p in model.named_parameters()}
+
+
+def check_ddp_kronecker_factors_equal_the_full_batch(ranks: list[dict], name: str, reduction: str) -> None:
+    """KFLR and KFACEmpirical (bias folded in): the factors of one process on the concatenated batch.
+
+    KFAC's output factor is the ``c / c_r``-weighted sum of the shards' (same draws as one process on each
+    shard), its input factor the full batch's. The engine's single-process factors are exact against
+    brute-force references in tests/test_kronecker.py; here each factor's own shard weight is checked:
+    ``c / c_r`` (or its square) for the sums, ``N_r / N`` for the input factor's mean.
+    """
+    full = kronecker_shard_values(name, reduction, None)
+    shards = [kronecker_shard_values(name, reduction, r) for r in range(WORLD)]
+    assert not torch.allclose(shards[0]["0.weight"]["kflr"][1], full["0.weight"]["kflr"][1]), "shards must differ"
+    for rank, results in enumerate(ranks):
+        got = results[f"{name}/{reduction}/kronecker"]
+        for param, values in full.items():
+            assert got["factors"][param].keys() == values.keys()
+            for attribute in ("kflr", "kfac_empirical"):
+                if attribute not in values:  # a folded bias has no attribute
+                    continue
+                for i, (g, e) in enumerate(zip(got["factors"][param][attribute], values[attribute])):
+                    torch.testing.assert_close(g, e, **TOL, msg=f"rank {rank} {param}.{attribute}[{i}]")
+            mc = got["factors"][param]["kfac"]
+            w = [shard_weight(name, reduction, r) for r in range(WORLD)]
+            torch.testing.assert_close(mc[0], sum(w[r] * shards[r][param]["kfac"][0] for r in range(WORLD)), **TOL)
+            if len(mc) == 2:
+                torch.testing.assert_close(mc[1], values["kflr"][1], **TOL, msg=f"rank {rank} {param}.kfac[1]")
+        assert "EKFAC cannot be synchronized across processes" in got["ekfac_error"]
+        assert "Kronecker factors over several backward passes" in got["accumulation_error"]
+
+
 CHECKS = (
     check_ddp_quantities_equal_the_full_batch,
+    check_ddp_kronecker_factors_equal_the_full_batch,
     check_ddp_grad_is_the_average_of_the_ranks,
     check_ddp_monte_carlo_is_the_weighted_sum_of_the_shards,
     check_sync_false_keeps_the_shard,
