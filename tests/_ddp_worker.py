@@ -192,7 +192,8 @@ def _case(rank: int, name: str, reduction: str) -> dict[str, object]:
 
 def kronecker_quantities(rank: int) -> tuple[sh.KroneckerQuantity, ...]:
     """KFLR, KFAC (this rank's generator) and KFACEmpirical with the bias folded into the input factor."""
-    return (sh.KFLR(), sh.KFAC(mc_samples=MC_SAMPLES, generator=mc_generator(rank)), sh.KFACEmpirical(separate_weight_and_bias=False))
+    kfac = sh.KFAC(mc_samples=MC_SAMPLES, generator=mc_generator(rank))
+    return (sh.KFLR(), kfac, sh.KFACEmpirical(separate_weight_and_bias=False))
 
 
 def _factors(model: nn.Module, quantities) -> dict[str, dict[str, list[Tensor]]]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +18,7 @@ from secorder_hooks.integrations.laplace import SecorderEF, SecorderGGN  # noqa:
 from tests import reference  # noqa: E402
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Residual(nn.Module):
@@ -257,3 +261,16 @@ def test_stochastic_backend_samples_b_only():
     _, h = sampled.diag(x, y)
     assert h.shape == (sum(p.numel() for p in model.parameters()),)
     assert all(p.grad is None for p in model.parameters())  # the backend leaves .grad alone
+
+
+def test_docs_example_script_draws_a_widening_predictive(tmp_path):
+    """examples/laplace_uncertainty.py (the worked example of docs/kronecker.rst) and its figure."""
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("laplace_uncertainty", ROOT / "examples" / "laplace_uncertainty.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    stds = script.main(tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
+    kron = stds["kron"]  # on linspace(-4, 4, 161): the data cover [-2, 2], indices 40 to 120
+    assert kron[:20].min() > 3 * kron[40:121].max() and kron[-20:].min() > 3 * kron[40:121].max()
+    assert (kron >= 0.1).all()  # at least the noise level
