@@ -168,6 +168,11 @@ class Shards:
         return self._global
 
     @property
+    def device(self) -> torch.device:
+        """The device of the all-reduced buffers."""
+        return self._counts.device
+
+    @property
     def examples(self) -> int:
         """:math:`N`, the examples of the global batch."""
         return round(self._totals()[1])
@@ -199,7 +204,7 @@ class Shards:
         Returns:
             Views of the reduced buffers, shaped like the slots.
         """
-        device = self._counts.device
+        device = self.device
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, slot in enumerate(slots):
             by_dtype.setdefault(slot.dtype, []).append(i)
@@ -345,8 +350,8 @@ def _kronecker_slots(
         return []
     keys = [(key, q) for key in session.params for q in quantities]
     width = 2 + 2 * (1 + _MAX_FACTOR_DIMS)  # count, mean index + 1, then (ndim, *shape) per factor
-    shapes = torch.zeros(len(keys), width, dtype=torch.int64, device=shards._counts.device)
-    for row, (key, q) in enumerate(keys):
+    rows = [[0] * width for _ in keys]
+    for row, (key, q) in zip(rows, keys):
         factors = values.values.get(key, {}).get(type(q))
         if factors is None:
             continue
@@ -357,12 +362,11 @@ def _kronecker_slots(
                 "synchronized. Pass sync=False."
             )
         mean_index = getattr(factors, "mean_index", None)
-        shapes[row, 0] = len(factors)
-        shapes[row, 1] = 0 if mean_index is None else mean_index + 1
+        row[0], row[1] = len(factors), 0 if mean_index is None else mean_index + 1
         for i, f in enumerate(factors):
             start = 2 + i * (1 + _MAX_FACTOR_DIMS)
-            shapes[row, start] = f.dim()
-            shapes[row, start + 1 : start + 1 + f.dim()] = torch.tensor(f.shape)
+            row[start : start + 1 + f.dim()] = [f.dim(), *f.shape]
+    shapes = torch.tensor(rows, dtype=torch.int64, device=shards.device)
     torch.distributed.all_reduce(shapes, op=torch.distributed.ReduceOp.MAX, group=shards.group)
     layout: FactorLayout = []
     for (key, q), row in zip(keys, shapes.tolist()):
