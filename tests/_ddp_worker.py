@@ -123,6 +123,10 @@ def run(rank: int, world: int, port: int, out_dir: str, cases: tuple[tuple[str, 
             with sh.extend(ddp, *GATED_SUMMED):
                 nn.functional.cross_entropy(ddp(xr), yr).backward()
             results["gated"] = _attributes(ddp, GATED_SUMMED)
+            ddp.zero_grad(set_to_none=True)
+            with sh.extend(ddp, sh.KFLR()):  # rank 0 has no factors of b: the layout comes from rank 1
+                nn.functional.cross_entropy(ddp(xr), yr).backward()
+            results["gated_kflr"] = _factors(ddp, (sh.KFLR(),))
             results["accumulated"] = _accumulated(rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:

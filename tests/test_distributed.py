@@ -228,6 +228,25 @@ def check_parameter_one_shard_does_not_reach(ranks: list[dict]) -> None:
                 torch.testing.assert_close(got[param][attribute], value, **TOL, msg=f"rank {rank} {param}.{attribute}")
 
 
+def check_kronecker_layer_one_shard_does_not_reach(ranks: list[dict]) -> None:
+    """KFLR of ``b``, which rank 0's shard skips: B is the full batch's (a sum, zero for the skipping
+    examples); A counts rank 1's inputs only, ``N_1 / N`` times rank 1's own mean (documented)."""
+    model, x, y = worker.gated_batch()
+    with sh.extend(model, sh.KFLR()):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    full_b = model.b.weight.kflr[0]
+    model, x, y = worker.gated_batch()
+    xr, yr = worker.shard(1, x, y)
+    with sh.extend(model, sh.KFLR()):  # rank 1 alone, with its own reduction factor
+        torch.nn.functional.cross_entropy(model(xr), yr).backward()
+    share = worker.SHARDS[1] / sum(worker.SHARDS)
+    for rank, results in enumerate(ranks):
+        b, a = results["gated_kflr"]["b.weight"]["kflr"]
+        torch.testing.assert_close(b, full_b, **TOL, msg=f"rank {rank}")
+        torch.testing.assert_close(a, share * model.b.weight.kflr[1], **TOL, msg=f"rank {rank}")
+        torch.testing.assert_close(results["gated_kflr"]["b.bias"]["kflr"][0], full_b, **TOL)
+
+
 def check_accumulation(ranks: list[dict]) -> None:
     """Two micro-batches under DDP: the sums of their global batches' values, the rows of this rank of each."""
     refs = [full_batch_references("mlp_tanh", "mean", seed) for seed in (1, 2)]
@@ -318,6 +337,7 @@ def test_ddp_every_case(tmp_path: Path) -> None:
             except AssertionError as err:
                 raise AssertionError(f"{check.__name__}[{name}, {reduction}]: {err}") from err
     check_parameter_one_shard_does_not_reach(ranks)
+    check_kronecker_layer_one_shard_does_not_reach(ranks)
     check_accumulation(ranks)
 
 
