@@ -5,7 +5,8 @@ Usage (from ``benchmarks/``): ``python kronecker_cpu.py [reps]``.
 ``time.process_time`` per step, one torch thread, steps interleaved: on a machine shared by
 many processes (load average far above the core count) the wall-clock ratios of
 ``compare.py`` swing by a factor 2 between runs, while the CPU time of this process does
-not count the time it waits for a core. Prints median ``[q1, q3]`` of time / T0.
+not count the time it waits for a core. Prints median ``[q1, q3]`` of time / T0, and the
+ratio of our median to BackPACK's for each quantity.
 """
 
 import statistics
@@ -40,3 +41,7 @@ for name in (ProblemName("A"), ProblemName("B")):
     for k, v in times.items():
         q1, q3 = sorted(v)[len(v) // 4] / t0, sorted(v)[3 * len(v) // 4] / t0
         print(f"  {k:24s} {statistics.median(v) / t0:6.2f}  [{q1:.2f}, {q3:.2f}]")
+    for q in (OurQuantity.KFLR, OurQuantity.KFAC):
+        ours, backpack = (times.get(f"{peer.value}:{q.value}") for peer in (Peer.OURS, Peer.BACKPACK))
+        if ours and backpack:
+            print(f"  ours / BackPACK, {q.value}: {statistics.median(ours) / statistics.median(backpack):.2f}")

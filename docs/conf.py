@@ -1,6 +1,14 @@
 """Sphinx configuration of the secorder_hooks documentation (built with ``sphinx-build -W``)."""
 
+import sys
+from pathlib import Path
+
 import secorder_hooks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.torchvision_cpu import load_torchvision
+
+load_torchvision()  # laplace-torch imports torchvision (through torchmetrics): see tests/torchvision_cpu.py
 
 project = "secorder_hooks"
 author = "secorder_hooks developers"

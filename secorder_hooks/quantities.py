@@ -318,6 +318,10 @@ class KroneckerQuantity(Quantity):
     named in each subclass, including its factor :math:`c`; BackPACK's convolution
     factors differ (see :doc:`/kronecker`).
 
+    Across processes (:doc:`/distributed`), ``shard_scaling`` is that of :math:`B` and of a
+    fallback diagonal (sums over examples); :math:`A`, a mean over examples, combines with
+    ``ShardScaling(0, 1)``.
+
     Attributes:
         sharing: Treatment of weight-sharing positions.
         separate_weight_and_bias: Separate factors for weight and bias (default), or one
@@ -354,6 +358,7 @@ class KFLR(KroneckerQuantity):
     """
 
     attribute: ClassVar[str] = "kflr"
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
     order: ClassVar[Order] = Order.SECOND
 
 
@@ -375,6 +380,7 @@ class KFAC(KroneckerQuantity):
     generator: torch.Generator | None = field(default=None, compare=False)
 
     attribute: ClassVar[str] = "kfac"
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
     order: ClassVar[Order] = Order.SECOND
 
     def __post_init__(self) -> None:
@@ -395,6 +401,7 @@ class KFACEmpirical(KroneckerQuantity):
     """
 
     attribute: ClassVar[str] = "kfac_empirical"
+    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(2)
     order: ClassVar[Order] = Order.FIRST
 
 

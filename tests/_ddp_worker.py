@@ -123,6 +123,10 @@ def run(rank: int, world: int, port: int, out_dir: str, cases: tuple[tuple[str, 
             with sh.extend(ddp, *GATED_SUMMED):
                 nn.functional.cross_entropy(ddp(xr), yr).backward()
             results["gated"] = _attributes(ddp, GATED_SUMMED)
+            ddp.zero_grad(set_to_none=True)
+            with sh.extend(ddp, sh.KFLR()):  # rank 0 has no factors of b: the layout comes from rank 1
+                nn.functional.cross_entropy(ddp(xr), yr).backward()
+            results["gated_kflr"] = _factors(ddp, (sh.KFLR(),))
             results["accumulated"] = _accumulated(rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -177,6 +181,8 @@ def _case(rank: int, name: str, reduction: str) -> dict[str, object]:
         (loss_fn(model(xr), yr) / 4).backward()
     results[f"{key}/manual"] = _attributes(model, manual)
 
+    results[f"{key}/kronecker"] = _kronecker(rank, ddp, case, xr, yr, reduction)
+
     loss_type = "mse" if case.y.is_floating_point() else "nll"
     results[f"{key}/api"] = {
         "hessian": sh.model_hessian_diagonal(ddp, loss_fn, xr, yr),  # synchronized: detected from DDP
@@ -186,3 +192,38 @@ def _case(rank: int, name: str, reduction: str) -> dict[str, object]:
         "per_layer": sh.per_layer_hessian_diagonal(ddp, loss_fn, xr, yr),
     }
     return results
+
+
+def kronecker_quantities(rank: int) -> tuple[sh.KroneckerQuantity, ...]:
+    """KFLR, KFAC (this rank's generator) and KFACEmpirical with the bias folded into the input factor."""
+    kfac = sh.KFAC(mc_samples=MC_SAMPLES, generator=mc_generator(rank))
+    return (sh.KFLR(), kfac, sh.KFACEmpirical(separate_weight_and_bias=False))
+
+
+def _factors(model: nn.Module, quantities) -> dict[str, dict[str, list[Tensor]]]:
+    out = {}
+    for name, p in model.named_parameters():
+        present = [q.attribute for q in quantities if hasattr(p, q.attribute)]
+        out[name.removeprefix("module.")] = {a: [f.clone() for f in getattr(p, a)] for a in present}
+    return out
+
+
+def _kronecker(rank: int, ddp: nn.Module, case: zoo.Case, xr: Tensor, yr: Tensor, reduction: str) -> dict[str, object]:
+    """The Kronecker factors under DDP; EK-FAC and an accumulation of two passes refuse (their errors)."""
+    loss_fn = case.loss_fn(reduction)
+    quantities = kronecker_quantities(rank)
+    ddp.zero_grad(set_to_none=True)
+    with sh.extend(ddp, *quantities):
+        loss_fn(ddp(xr), yr).backward()
+    out: dict[str, object] = {"factors": _factors(ddp, quantities)}
+    for label, quantity, passes in (("ekfac_error", sh.EKFAC(), 1), ("accumulation_error", sh.KFLR(), 2)):
+        ddp.zero_grad(set_to_none=True)
+        out[label] = ""
+        try:
+            with sh.extend(ddp, quantity):
+                for _ in range(passes):
+                    loss_fn(ddp(xr), yr).backward()
+        except sh.ExtensionError as err:
+            out[label] = str(err)
+    ddp.zero_grad(set_to_none=True)
+    return out

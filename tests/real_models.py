@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -19,36 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.torchvision_cpu import load_torchvision
+
+
 # ----------------------------------------------------------------------------- optional packages
-# The only torchvision matching torch 2.13.0 on PyPI (0.28.0) is a CUDA build: on a CPU-only
-# torch its C extension does not load, and `import torchvision` then fails in
-# torchvision/_meta_registrations.py, which registers fake kernels for these two operators
-# without checking that the extension defined them. The models used here call none of the
-# extension's operators (detection ops), so declaring the two schemas (no kernel) lets the
-# import finish. Done only when the import fails for exactly this reason, and for tests only.
-_TORCHVISION_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_shim: list[torch.library.Library] = []
-
-
 def import_torchvision() -> ModuleType:
-    """``torchvision``, or skip the test where it is not installed."""
-    if importlib.util.find_spec("torchvision") is None:
+    """``torchvision`` (:func:`tests.torchvision_cpu.load_torchvision`), or skip the test where it is not installed."""
+    torchvision = load_torchvision()
+    if torchvision is None:
         pytest.skip("torchvision is not installed")
-    try:
-        return importlib.import_module("torchvision")
-    except RuntimeError as err:
-        if _shim or "torchvision::" not in str(err):
-            raise
-    library = torch.library.Library("torchvision", "DEF")
-    for schema in _TORCHVISION_SCHEMAS.values():
-        library.define(schema)
-    _shim.append(library)
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]  # the failed import left half-initialized modules
-    return importlib.import_module("torchvision")
+    return torchvision
 
 
 def import_transformers() -> ModuleType:

@@ -228,6 +228,25 @@ def check_parameter_one_shard_does_not_reach(ranks: list[dict]) -> None:
                 torch.testing.assert_close(got[param][attribute], value, **TOL, msg=f"rank {rank} {param}.{attribute}")
 
 
+def check_kronecker_layer_one_shard_does_not_reach(ranks: list[dict]) -> None:
+    """KFLR of ``b``, which rank 0's shard skips: B is the full batch's (a sum, zero for the skipping
+    examples); A counts rank 1's inputs only, ``N_1 / N`` times rank 1's own mean (documented)."""
+    model, x, y = worker.gated_batch()
+    with sh.extend(model, sh.KFLR()):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    full_b = model.b.weight.kflr[0]
+    model, x, y = worker.gated_batch()
+    xr, yr = worker.shard(1, x, y)
+    with sh.extend(model, sh.KFLR()):  # rank 1 alone, with its own reduction factor
+        torch.nn.functional.cross_entropy(model(xr), yr).backward()
+    share = worker.SHARDS[1] / sum(worker.SHARDS)
+    for rank, results in enumerate(ranks):
+        b, a = results["gated_kflr"]["b.weight"]["kflr"]
+        torch.testing.assert_close(b, full_b, **TOL, msg=f"rank {rank}")
+        torch.testing.assert_close(a, share * model.b.weight.kflr[1], **TOL, msg=f"rank {rank}")
+        torch.testing.assert_close(results["gated_kflr"]["b.bias"]["kflr"][0], full_b, **TOL)
+
+
 def check_accumulation(ranks: list[dict]) -> None:
     """Two micro-batches under DDP: the sums of their global batches' values, the rows of this rank of each."""
     refs = [full_batch_references("mlp_tanh", "mean", seed) for seed in (1, 2)]
@@ -244,8 +263,50 @@ def check_accumulation(ranks: list[dict]) -> None:
         assert "cannot be combined under DistributedDataParallel" in got["variance_error"]
 
 
+def kronecker_shard_values(name: str, reduction: str, rank: int | None) -> dict[str, dict[str, list[Tensor]]]:
+    """The Kronecker factors one process computes on a shard (``rank``) or the whole batch (``None``)."""
+    model, x, y, case = worker.global_batch(name)
+    if rank is not None:
+        x, y = worker.shard(rank, x, y)
+    quantities = worker.kronecker_quantities(0 if rank is None else rank)
+    with sh.extend(model, *quantities):
+        case.loss_fn(reduction)(model(x), y).backward()
+    present = lambda p: [q.attribute for q in quantities if hasattr(p, q.attribute)]  # noqa: E731
+    return {k: {a: getattr(p, a) for a in present(p)} for k, p in model.named_parameters()}
+
+
+def check_ddp_kronecker_factors_equal_the_full_batch(ranks: list[dict], name: str, reduction: str) -> None:
+    """KFLR and KFACEmpirical (bias folded in): the factors of one process on the concatenated batch.
+
+    KFAC's output factor is the ``c / c_r``-weighted sum of the shards' (same draws as one process on each
+    shard), its input factor the full batch's. The engine's single-process factors are exact against
+    brute-force references in tests/test_kronecker.py; here each factor's own shard weight is checked:
+    ``c / c_r`` (or its square) for the sums, ``N_r / N`` for the input factor's mean.
+    """
+    full = kronecker_shard_values(name, reduction, None)
+    shards = [kronecker_shard_values(name, reduction, r) for r in range(WORLD)]
+    assert not torch.allclose(shards[0]["0.weight"]["kflr"][1], full["0.weight"]["kflr"][1]), "shards must differ"
+    for rank, results in enumerate(ranks):
+        got = results[f"{name}/{reduction}/kronecker"]
+        for param, values in full.items():
+            assert got["factors"][param].keys() == values.keys()
+            for attribute in ("kflr", "kfac_empirical"):
+                if attribute not in values:  # a folded bias has no attribute
+                    continue
+                for i, (g, e) in enumerate(zip(got["factors"][param][attribute], values[attribute])):
+                    torch.testing.assert_close(g, e, **TOL, msg=f"rank {rank} {param}.{attribute}[{i}]")
+            mc = got["factors"][param]["kfac"]
+            w = [shard_weight(name, reduction, r) for r in range(WORLD)]
+            torch.testing.assert_close(mc[0], sum(w[r] * shards[r][param]["kfac"][0] for r in range(WORLD)), **TOL)
+            if len(mc) == 2:
+                torch.testing.assert_close(mc[1], values["kflr"][1], **TOL, msg=f"rank {rank} {param}.kfac[1]")
+        assert "EKFAC cannot be synchronized across processes" in got["ekfac_error"]
+        assert "Kronecker factors over several backward passes" in got["accumulation_error"]
+
+
 CHECKS = (
     check_ddp_quantities_equal_the_full_batch,
+    check_ddp_kronecker_factors_equal_the_full_batch,
     check_ddp_grad_is_the_average_of_the_ranks,
     check_ddp_monte_carlo_is_the_weighted_sum_of_the_shards,
     check_sync_false_keeps_the_shard,
@@ -276,6 +337,7 @@ def test_ddp_every_case(tmp_path: Path) -> None:
             except AssertionError as err:
                 raise AssertionError(f"{check.__name__}[{name}, {reduction}]: {err}") from err
     check_parameter_one_shard_does_not_reach(ranks)
+    check_kronecker_layer_one_shard_does_not_reach(ranks)
     check_accumulation(ranks)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,8 +15,10 @@ from laplace.curvature import BackPackGGN, CurvlinopsEF, CurvlinopsGGN  # noqa: 
 
 import secorder_hooks as sh  # noqa: E402
 from secorder_hooks.integrations.laplace import SecorderEF, SecorderGGN  # noqa: E402
+from tests import reference  # noqa: E402
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Residual(nn.Module):
@@ -130,6 +135,9 @@ def test_last_layer_laplace_agrees(name, structure):
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
 def test_residual_cnn_agrees_with_curvlinops(structure):
+    """BackPACK's backend cannot take the in-place residual add; curvlinops' can, and agrees."""
+    with pytest.raises(RuntimeError, match="modified inplace"):  # its module backward hooks and `out += h`
+        fitted("residual_cnn", structure, BackPackGGN)
     ours, x = fitted("residual_cnn", structure, SecorderGGN)
     theirs, _ = fitted("residual_cnn", structure, CurvlinopsGGN)
     assert_agree(ours, theirs, x)
@@ -143,54 +151,89 @@ def test_empirical_fisher_agrees_with_curvlinops(name):
         assert_agree(ours, theirs, x)
 
 
-def engine_kron(name, batch_size=5):
-    """Our factors per batch of the summed loss, added over batches as laplace does (A rescaled by M / N)."""
-    model, x, y, _ = problem(name)
-    total = None
-    for xb, yb in DataLoader(TensorDataset(x, y), batch_size=batch_size):
-        model.zero_grad()  # each batch alone (inside extend, backward passes accumulate like .grad)
-        with sh.extend(model, sh.KFLR(fallback="diagonal")):
-            nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
-        factors = []
-        for module in model.modules():
-            for p in module.parameters(recurse=False):
-                f = [t.clone() for t in p.kflr]
-                if len(f) == 2:
-                    f[0 if isinstance(module, nn.Embedding) else 1] *= len(yb) / len(y)
-                factors.append(f)
-        total = factors if total is None else [[t + u for t, u in zip(a, b)] for a, b in zip(total, factors)]
-    return model, total
+def summed_ce(f, y):
+    return nn.functional.cross_entropy(f, y, reduction="sum")
+
+
+def brute_force_kron(model, module, x, y):
+    r"""The KFLR factors ``(A, B)`` of ``module.weight`` on the whole data set, from Jacobians alone.
+
+    With :math:`a_{nt}` the layer input at position :math:`t` (read off the Jacobian of the
+    layer output with respect to its weight), :math:`J_{nt}` the Jacobian of the model
+    output of example :math:`n` with respect to the layer output at :math:`t` and
+    :math:`H_n` the Hessian of the summed cross-entropy with respect to :math:`f_n`:
+    :math:`A = \frac{1}{NT} \sum_{n,t} a_{nt} a_{nt}^\top`,
+    :math:`B = \sum_{n,t} J_{nt}^\top H_n J_{nt}` (expand), what laplace's ``kron`` is after
+    the factors of all batches are added (the input factors weighted by ``M / N``).
+    """
+    seen = {}
+
+    def hook(m, inputs, out):
+        eps = torch.zeros_like(out, requires_grad=True)
+        seen.update(input=inputs[0], eps=eps)
+        return out + eps
+
+    handle = module.register_forward_hook(hook)
+    try:
+        f = model(x)
+    finally:
+        handle.remove()
+    n, classes = f.shape
+    jac_out = torch.stack(  # [C, *z]: row n holds d f_nc / d z_n (eval mode: examples do not mix)
+        [torch.autograd.grad(f[:, c].sum(), seen["eps"], retain_graph=True)[0] for c in range(classes)]
+    )
+    w = module.weight.detach()
+    jac_w = torch.func.jacrev(lambda v: torch.func.functional_call(module, {"weight": v}, (seen["input"],)))(w)
+    if isinstance(module, nn.Linear):  # z [N, O], W [O, I]
+        a, jac_out = jac_w[:, 0, 0, :].unsqueeze(1), jac_out.unsqueeze(2)
+    elif isinstance(module, nn.Conv2d):  # z [N, O, H, W], W [O, C, kh, kw]
+        a = jac_w[:, 0, :, :, 0].reshape(n, -1, w[0].numel())
+        jac_out = jac_out.flatten(3).transpose(2, 3)  # [C, N, T, O]
+    else:  # embedding: z [N, T, D], W [V, D]; a is the one-hot token
+        a = jac_w[:, :, 0, :, 0]
+    h = torch.func.hessian(lambda out: summed_ce(out, y))(f.detach())
+    h = h[torch.arange(n), :, torch.arange(n), :]  # [N, C, C]
+    big_a = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
+    big_b = torch.einsum("cnto,nck,knts->os", jac_out, h, jac_out)
+    return big_a, big_b
 
 
 @pytest.mark.parametrize("name", ["batchnorm_cnn", "embedding"])
 def test_kron_works_where_laplace_backends_fail(name):
-    """BatchNorm (eval) gets the exact diagonal of its GGN block, Embedding Kronecker factors (input first)."""
+    """BatchNorm (eval) gets the exact diagonal of its GGN block, Embedding Kronecker factors (input first).
+
+    Every installed laplace backend's ``kron`` fails on both models (AsdlGGN needs
+    asdfghjkl, not installed); ours is checked against the brute-force factors of
+    :func:`brute_force_kron` and the brute-force GGN diagonal.
+    """
     for backend in (BackPackGGN, CurvlinopsGGN):
         with pytest.raises(Exception):  # noqa: B017 (each fails in its own way)
             fitted(name, "kron", backend)
     ours, x = fitted(name, "kron", SecorderGGN)
     assert torch.isfinite(predictive(ours, x)).all()
-    diag, _ = fitted(name, "diag", CurvlinopsGGN)  # laplace's torch.func GGN diagonal
     model, x, y, _ = problem(name)
-    backend, kron = SecorderGGN(model, "classification"), None
-    for xb, yb in DataLoader(TensorDataset(x, y), batch_size=5):
-        _, k = backend.kron(xb, yb, N=len(y))
-        kron = k if kron is None else kron + k
-    _, expected = engine_kron(name)
-    start = 0
-    for (module_name, module), got, want in zip(_param_modules(model), kron.kfacs, expected):
-        block = torch.kron(*got) if len(got) == 2 else got[0]
-        size = block.shape[0]
+    torch.testing.assert_close(ours.loss, summed_ce(model(x), y).detach(), **TOL)
+    diagonal = reference.ggn_diagonal(model, summed_ce, x, y)
+    kfacs = ours.H_facs.kfacs  # the factors added over the batches, before decomposition
+    params = [
+        (f"{m}.{p}", module, p) for m, module in model.named_modules() for p, _ in module.named_parameters("", False)
+    ]
+    assert len(kfacs) == len(params)
+    for (key, module, param), got in zip(params, kfacs):
         if isinstance(module, nn.BatchNorm2d):
-            torch.testing.assert_close(block, torch.diag(diag.H[start : start + size]), **TOL, msg=module_name)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, torch.diag(w) if w.dim() == 1 else w, **TOL, msg=module_name)
-        start += size
-    assert start == diag.H.numel()
-
-
-def _param_modules(model):
-    return [(name, module) for name, module in model.named_modules() for _ in module.parameters(recurse=False)]
+            (block,) = got
+            torch.testing.assert_close(block, torch.diag(diagonal[key].flatten()), **TOL, msg=key)
+            continue
+        a, b = brute_force_kron(model, module, x, y)
+        if param == "bias":
+            (got_b,) = got
+            torch.testing.assert_close(got_b, b, **TOL, msg=key)
+        elif isinstance(module, nn.Embedding):
+            torch.testing.assert_close(got[0], a, **TOL, msg=key)
+            torch.testing.assert_close(got[1], b, **TOL, msg=key)
+        else:
+            torch.testing.assert_close(got[0], b, **TOL, msg=key)
+            torch.testing.assert_close(got[1], a, **TOL, msg=key)
 
 
 def test_grouped_convolution_is_refused_in_kron():
@@ -218,3 +261,16 @@ def test_stochastic_backend_samples_b_only():
     _, h = sampled.diag(x, y)
     assert h.shape == (sum(p.numel() for p in model.parameters()),)
     assert all(p.grad is None for p in model.parameters())  # the backend leaves .grad alone
+
+
+def test_docs_example_script_draws_a_widening_predictive(tmp_path):
+    """examples/laplace_uncertainty.py (the worked example of docs/kronecker.rst) and its figure."""
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("laplace_uncertainty", ROOT / "examples" / "laplace_uncertainty.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    stds = script.main(tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
+    kron = stds["kron"]  # on linspace(-4, 4, 161): the data cover [-2, 2], indices 40 to 120
+    assert kron[:20].min() > 3 * kron[40:121].max() and kron[-20:].min() > 3 * kron[40:121].max()
+    assert (kron >= 0.1).all()  # at least the noise level

@@ -36,7 +36,7 @@ from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspiciou
 from secorder_hooks.engine.residuals import internal_nodes
 from secorder_hooks.engine.sync import synchronize
 from secorder_hooks.errors import ExtensionError, SecorderError
-from secorder_hooks.quantities import Order, Variance
+from secorder_hooks.quantities import KroneckerQuantity, Order, Variance
 from secorder_hooks.rules.generic import GenericRule, example_count
 
 if TYPE_CHECKING:
@@ -147,6 +147,13 @@ def _quantities(
     contributions = Contributions.collect(session)
     ddp = session.ddp is not None
     reached = list(param_grads) if ddp else _reached(params, before)
+    kronecker = any(isinstance(q, KroneckerQuantity) for q in session.quantities)
+    if shards is not None and kronecker and window.continued():
+        raise ExtensionError(
+            "Kronecker factors over several backward passes (an accumulation) cannot be combined across processes: "
+            "the input factor's mean over the passes needs every pass's global number of examples. Call "
+            "zero_grad() before each backward pass inside extend(), or pass accumulate=False."
+        )
     if (ddp or shards is not None) and any(isinstance(q, Variance) for q in session.quantities) and window.continued():
         raise ExtensionError(
             "Variance over several backward passes (an accumulation) cannot be combined under "

@@ -7,7 +7,8 @@ by :math:`w_r` of :class:`~secorder_hooks.quantities.ShardScaling`, so that each
 holds the tensor of the concatenated batch; rows of per-example tensors stay on their
 process and are only reweighted. Communication: one all-reduce of two numbers, launched
 before the ordinary backward pass and overlapped with it, and one flattened all-reduce
-of every summed tensor (per dtype and device) once they are all computed.
+of every summed tensor (per dtype and device) once they are all computed; with Kronecker
+quantities, a small all-reduce of the factors' shapes before it (:func:`_kronecker_slots`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.losses.calls import LossCall, averaged_terms
-from secorder_hooks.quantities import Accumulation, ShardScaling
+from secorder_hooks.quantities import Accumulation, KroneckerFactors, KroneckerQuantity, Quantity, ShardScaling
 
 if torch.distributed.is_available():
     from torch.distributed import ProcessGroup
@@ -40,6 +41,10 @@ SyncOption = Union[bool, ProcessGroup, None]
 a process group: synchronize over it."""
 
 _GRADIENT = ShardScaling(1)
+_MEAN_FACTOR = ShardScaling(0, 1)
+"""The input factor :math:`A` of a Kronecker quantity, a mean over the examples (no :math:`c`)."""
+_MAX_FACTOR_DIMS = 3
+"""A Kronecker factor is ``[d]`` (a diagonal), ``[d, d]`` or ``[G, d, d]`` (per group)."""
 _FLAG = torch.Size([1])
 _CONSTANT_FACTORS = frozenset({"MulBackward0", "DivBackward0"})
 
@@ -163,6 +168,11 @@ class Shards:
         return self._global
 
     @property
+    def device(self) -> torch.device:
+        """The device of the all-reduced buffers."""
+        return self._counts.device
+
+    @property
     def examples(self) -> int:
         """:math:`N`, the examples of the global batch."""
         return round(self._totals()[1])
@@ -194,7 +204,7 @@ class Shards:
         Returns:
             Views of the reduced buffers, shaped like the slots.
         """
-        device = self._counts.device
+        device = self.device
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, slot in enumerate(slots):
             by_dtype.setdefault(slot.dtype, []).append(i)
@@ -242,7 +252,8 @@ def synchronize(session: Session, shards: Shards, values: PassValues, grads: dic
     squares of ``VARIANCE``) are all-reduced with the weights :math:`w_r`, in one flattened
     buffer together with the gradients ``grads`` of the pass (when ``Variance`` is
     requested) and a presence flag per parameter and quantity; per-example rows are
-    reweighted where they are (and stay this process's ``values.examples`` rows);
+    reweighted where they are (and stay this process's ``values.examples`` rows); each
+    Kronecker factor is all-reduced with its own weight (:func:`_kronecker_slots`);
     ``values.summed_examples`` becomes :math:`N`.
 
     The layout depends on the session's parameters and quantities only, so it is the same
@@ -252,15 +263,23 @@ def synchronize(session: Session, shards: Shards, values: PassValues, grads: dic
         The gradients of the pass of the global batch (``c / c_r``-weighted sums), for ``Variance``.
 
     Raises:
-        ExtensionError: A requested quantity does not declare its ``shard_scaling``.
+        ExtensionError: A requested quantity does not declare its ``shard_scaling`` (:class:`~secorder_hooks.EKFAC`).
     """
     for q in session.quantities:
+        if isinstance(q, KroneckerQuantity) and q.shard_scaling is None:
+            raise ExtensionError(
+                f"{type(q).__name__} cannot be synchronized across processes: its eigenbases are those of the "
+                "global batch's Kronecker factors, which exist only after an all-reduce, and its corrected "
+                "diagonal must then be recomputed in those bases. Pass sync=False (each process gets its shard's "
+                "EK-FAC), or synchronize KFLR() and form the eigenbases from its factors."
+            )
         if q.shard_scaling is None:
             raise ExtensionError(
                 f"{type(q).__name__} does not declare how it combines across processes (Quantity.shard_scaling), so "
                 "it cannot be synchronized; pass sync=False to compute it per process."
             )
-    summed = [q for q in session.quantities if q.accumulation is not Accumulation.CONCATENATE]
+    kronecker = [q for q in session.quantities if q.accumulation is Accumulation.KRONECKER]
+    summed = [q for q in session.quantities if q.accumulation not in (Accumulation.CONCATENATE, Accumulation.KRONECKER)]
     rows = [q for q in session.quantities if q.accumulation is Accumulation.CONCATENATE]
     wants_grads = any(q.accumulation is Accumulation.VARIANCE for q in session.quantities)
     reweighted: dict[int, Tensor] = {}  # a tensor that is the value of several quantities is reweighted once
@@ -273,6 +292,7 @@ def synchronize(session: Session, shards: Shards, values: PassValues, grads: dic
                 per_quantity[type(q)] = reweighted[id(t)]
     slots: list[Slot] = []
     layout: list[tuple[int, type, int, int]] = []  # (parameter, quantity type or None for the gradient, slot, flag)
+    factor_layout = _kronecker_slots(session, shards, values, kronecker, slots)
     for key, p in session.params.items():
         for q in summed:
             value = values.values.get(key, {}).get(type(q))
@@ -294,7 +314,11 @@ def synchronize(session: Session, shards: Shards, values: PassValues, grads: dic
     if not slots:
         return {}
     reduced = shards.all_reduce(slots)
-    reached = torch.cat([reduced[flag] for *_, flag in layout]).tolist()
+    for key, quantity, factor_slots, mean_index, flag in factor_layout:
+        if float(reduced[flag]) > 0:  # some process reached the parameter
+            factors = KroneckerFactors([reduced[i] for i in factor_slots], mean_index)
+            values.values.setdefault(key, {})[quantity] = factors
+    reached = torch.cat([reduced[flag] for *_, flag in layout]).tolist() if layout else []
     global_grads: dict[int, Tensor] = {}
     for (key, quantity, slot, _), count in zip(layout, reached):
         if count == 0:  # no process reached the parameter
@@ -304,3 +328,61 @@ def synchronize(session: Session, shards: Shards, values: PassValues, grads: dic
         else:
             values.values.setdefault(key, {})[quantity] = reduced[slot]
     return global_grads
+
+
+FactorLayout = list[tuple[int, type, list[int], Union[int, None], int]]
+"""``(parameter, quantity type, slot of each factor, position of the mean factor, presence flag slot)``."""
+
+
+def _kronecker_slots(
+    session: Session, shards: Shards, values: PassValues, quantities: Sequence[Quantity], slots: list[Slot]
+) -> FactorLayout:
+    r"""Append the slots of the Kronecker factors of ``quantities`` to ``slots``; their layout.
+
+    Each factor is all-reduced with its own weight: the output factor :math:`B` and a
+    fallback diagonal (sums over examples, carrying :math:`c`) with the quantity's
+    ``shard_scaling``, the input factor :math:`A` (a mean over the :math:`N_r` examples) with
+    :math:`w_r = N_r / N`, so that every process gets the factors of the concatenated batch.
+    The factors' shapes depend on the layer and are known only where a shard reached it:
+    one small all-reduce (maximum) of the shapes first gives every process the same layout.
+    """
+    if not quantities:
+        return []
+    keys = [(key, q) for key in session.params for q in quantities]
+    width = 2 + 2 * (1 + _MAX_FACTOR_DIMS)  # count, mean index + 1, then (ndim, *shape) per factor
+    rows = [[0] * width for _ in keys]
+    for row, (key, q) in zip(rows, keys):
+        factors = values.values.get(key, {}).get(type(q))
+        if factors is None:
+            continue
+        if len(factors) > 2 or any(f.dim() > _MAX_FACTOR_DIMS for f in factors):
+            raise ExtensionError(
+                f"{type(q).__name__}: parameter '{session.param_names[key]}' has {len(factors)} factors of dims "
+                f"{[f.dim() for f in factors]}; only one or two factors of at most {_MAX_FACTOR_DIMS} dims can be "
+                "synchronized. Pass sync=False."
+            )
+        mean_index = getattr(factors, "mean_index", None)
+        row[0], row[1] = len(factors), 0 if mean_index is None else mean_index + 1
+        for i, f in enumerate(factors):
+            start = 2 + i * (1 + _MAX_FACTOR_DIMS)
+            row[start : start + 1 + f.dim()] = [f.dim(), *f.shape]
+    shapes = torch.tensor(rows, dtype=torch.int64, device=shards.device)
+    torch.distributed.all_reduce(shapes, op=torch.distributed.ReduceOp.MAX, group=shards.group)
+    layout: FactorLayout = []
+    for (key, q), row in zip(keys, shapes.tolist()):
+        count = row[0]
+        if count == 0:  # no process reached the parameter
+            continue
+        mean_index = row[1] - 1 if row[1] > 0 else None
+        factors = values.values.get(key, {}).get(type(q))
+        dtype = session.params[key].dtype
+        factor_slots = []
+        for i in range(count):
+            start = 2 + i * (1 + _MAX_FACTOR_DIMS)
+            shape = torch.Size(row[start + 1 : start + 1 + row[start]])
+            scaling = _MEAN_FACTOR if i == mean_index else q.shard_scaling
+            slots.append(Slot(0.0 if factors is None else factors[i], shape, shards.weight(scaling), dtype))
+            factor_slots.append(len(slots) - 1)
+        slots.append(Slot(0.0 if factors is None else 1.0, _FLAG, 1.0, dtype))
+        layout.append((key, type(q), factor_slots, mean_index, len(slots) - 1))
+    return layout
