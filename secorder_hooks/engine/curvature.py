@@ -1,16 +1,14 @@
-r"""Curvature quantities: GGN / Fisher diagonals and the exact Hessian diagonal.
+r"""The curvature columns of a backward pass, fed to the sinks of the quantities that need them.
 
 With :math:`L = c \sum_n \ell_n(f_n)` and loss-Hessian square-root columns :math:`s_k`
-(:mod:`secorder_hooks.engine.loss_term`), the GGN diagonal is
-
-.. math::
-    \operatorname{diag} G = \sum_n \sum_k w_{kn} \big(J_n^\top s_{kn}\big)^{\odot 2},
-
-computed by backpropagating all columns at once from :math:`f` to the recorded module
-outputs (:mod:`secorder_hooks.engine.columns`) and letting each layer rule square and
-sum its per-example gradients. The Monte-Carlo Fisher uses sampled columns instead. The
-exact Hessian diagonal adds the second-order term of every curved operation between a
-parameter and :math:`f` (:mod:`secorder_hooks.engine.residuals`): one-hot columns from
+(:mod:`secorder_hooks.engine.loss_term`), a quantity of
+:attr:`~secorder_hooks.quantities.Columns.EXACT` columns (the GGN diagonal
+:math:`\operatorname{diag} G = \sum_n \sum_k w_{kn} (J_n^\top s_{kn})^{\odot 2}`, Kronecker
+factors) gets the rule results of the columns backpropagated, all at once or in chunks,
+from :math:`f` to the recorded module outputs (:mod:`secorder_hooks.engine.columns`);
+:attr:`~secorder_hooks.quantities.Columns.SAMPLED` ones get sampled columns instead. For
+:attr:`~secorder_hooks.quantities.Columns.HESSIAN` the engine adds the second-order term of
+every curved operation between a parameter and :math:`f` (:mod:`secorder_hooks.engine.residuals`): one-hot columns from
 the operation's input weighted by :math:`\phi''(a) \odot \partial L/\partial h`, or a
 closed form when the operation directly follows a layer, plus the own-parameter terms of
 modules handled by the generic rule.
@@ -20,50 +18,35 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from math import prod
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from secorder_hooks.engine.accumulate import PassValues
-from secorder_hooks.engine.assemble import ColumnResults, Contributions
+from secorder_hooks.engine.assemble import ColumnResults, Contributions, PassState
 from secorder_hooks.engine.broadcast import replica_own_term
 from secorder_hooks.engine.columns import backprop_columns, find_chain
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
 from secorder_hooks.engine.graph import REENTRANT_CHECKPOINT_ADVICE, only_input, reentrant_checkpoint
-from secorder_hooks.engine.kronecker import EigenSums, KronSums
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below
 from secorder_hooks.engine.rows import RowMap, row_map, split_columns
 from secorder_hooks.engine.rowwise import block_columns, row_blocks
+from secorder_hooks.engine.session import Session, active_sessions
 from secorder_hooks.errors import ExtensionError, UnsupportedLossError, UnsupportedOperationError
 from secorder_hooks.losses.base import LossTerm, SqrtColumns
-from secorder_hooks.quantities import (
-    EKFAC,
-    KFAC,
-    KFLR,
-    BatchDiagGGNExact,
-    BatchDiagHessian,
-    DiagGGNExact,
-    DiagGGNMC,
-    DiagHessian,
-    Order,
-    Quantity,
-)
-from secorder_hooks.rules.base import LayerRule, rule_for, weighted_square_reduce
-from secorder_hooks.rules.generic import rule_parameters
+from secorder_hooks.quantities import Columns, Quantity, Sink
+from secorder_hooks.quantities.diagonals import Diagonals
+from secorder_hooks.rules.base import LayerRule, rule_for, rule_parameters, weighted_square_reduce
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from secorder_hooks.engine.session import Session
+__all__ = ["CurvaturePlan", "curvature_from_outputs", "column_pass", "SINGLE_COLUMN_BYTES"]
 
-__all__ = ["CurvaturePlan", "curvature_from_outputs"]
-
-_HESSIAN = (DiagHessian, BatchDiagHessian)
 SINGLE_COLUMN_BYTES = 4 * 2**20
 """Recorded layer outputs per column (bytes, all calls) above which the square-root columns
 are backpropagated one at a time unless ``column_chunk_size`` says otherwise.
@@ -74,46 +57,8 @@ buffers. Measured on 2 cores (problem B of the benchmarks, a CNN with 6 MB of ou
 per column): all columns at once 10.9 x T0, one at a time 5.5 x T0; on the MLP problems
 (under 0.5 MB) the vectorized backward wins, 3.8 against 7.7 x T0.
 """
-_PER_EXAMPLE = (BatchDiagGGNExact, BatchDiagHessian)
-
-
-class ColumnSink(Protocol):
-    """What a column pass feeds: a running sum over blocks of vectors."""
-
-    def accumulate(self, results: ColumnResults, params: Params) -> None:
-        """Add the contribution of one block of vectors (``results``) for each of ``params``."""
-
-
-Params = Sequence[tuple[int, list[tuple[CallRecord, str]]]]
-"""``(parameter id, its contributing (record, name) pairs)`` reached by a column pass."""
-
-
-class Diagonals:
-    """Running sums of diagonal contributions per parameter id.
-
-    Args:
-        per_example: Keep the example axis (``[N, *p]``) instead of ``p.shape``.
-    """
-
-    def __init__(self, per_example: bool) -> None:
-        self.per_example = per_example
-        self.values: dict[int, Tensor] = {}
-
-    def add(self, key: int, value: Tensor) -> None:
-        """Add ``value`` to the running sum of parameter ``key``."""
-        self.values[key] = value if key not in self.values else self.values[key] + value
-
-    def accumulate(self, results: ColumnResults, params: Params) -> None:
-        r"""Add :math:`\sum_v w_{vn} (g^{(v)}_n)^2` of one block of vectors for each of ``params``."""
-        for key, parts in params:
-            self.add(key, results.weighted_squared_sum(parts, self.per_example))
-
-    def get(self, key: int, like: Tensor, batch_size: int) -> Tensor:
-        """The sum for ``key``, zeros shaped like ``like`` (per example if kept) if none."""
-        if key in self.values:
-            return self.values[key]
-        shape = (batch_size, *like.shape) if self.per_example else like.shape
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+_CURVATURE = frozenset({Columns.EXACT, Columns.SAMPLED, Columns.HESSIAN})
+"""The column kinds this module feeds (the gradient is captured by the ordinary backward pass)."""
 
 
 class CurvaturePlan:
@@ -132,6 +77,8 @@ class CurvaturePlan:
         self.rows = rows
         self.sites = sites
         self.batch_size = rows.batch_size
+        self._draws: dict[int, SqrtColumns] = {}
+        """``id`` of a sampled quantity -> its columns of this pass (kept for a replay)."""
 
     @classmethod
     def build(cls, session: Session, loss: Tensor) -> CurvaturePlan:
@@ -143,34 +90,28 @@ class CurvaturePlan:
             UnsupportedOperationError: The Hessian is requested through an operation
                 whose second-order term is unknown.
         """
+        curvature = [q for q in session.quantities if q.needs.columns in _CURVATURE]
         if reentrant_checkpoint(loss.grad_fn) is not None:
-            names = ", ".join(type(q).__name__ for q in session.quantities if q.order is Order.SECOND)
+            names = ", ".join(type(q).__name__ for q in curvature)
             raise ExtensionError(
                 f"loss.backward() inside extend(..., {names}) goes through activation checkpointing with "
                 f"use_reentrant=True. {REENTRANT_CHECKPOINT_ADVICE} First-order quantities work with either."
             )
         term = select_loss_term(session, loss)
         rows = row_map(term.edge, term.shape, list(session.records))
-        wanted = [q for q in session.quantities if isinstance(q, _PER_EXAMPLE)]
-        if wanted and rows.example_units is not None:
-            raise UnsupportedLossError(
-                f"{type(wanted[0]).__name__}: rows of the loss input {term.name} (shape {tuple(term.shape)}) depend on "
-                f"several examples, through {rows.coupling} (e.g. a reshape that merges rows of different examples), "
-                "so the loss couples the examples and per-example curvature is undefined. Keep each row of the loss "
-                "input within one example, or request the total (DiagGGNExact, DiagHessian)."
-            )
-        kron = [q for q in session.quantities if isinstance(q, (KFLR, KFAC, EKFAC))]
-        if kron and rows.example_units is not None:
-            raise UnsupportedLossError(
-                f"{type(kron[0]).__name__}: rows of the loss input {term.name} (shape {tuple(term.shape)}) depend on "
-                f"several examples, through {rows.coupling} (e.g. a reshape that merges rows of different examples), "
-                "so the loss couples the examples and the Kronecker factors, built per example, are undefined. Keep "
-                "each row of the loss input within one example, or request the total (DiagGGNExact, DiagHessian)."
-            )
-        if any(isinstance(q, (DiagGGNMC, KFAC)) for q in session.quantities) and not _can_sample(term):
+        for q in curvature:
+            undefined = q.needs.undefined_when_coupled
+            if undefined is not None and rows.example_units is not None:
+                raise UnsupportedLossError(
+                    f"{type(q).__name__}: rows of the loss input {term.name} (shape {tuple(term.shape)}) depend on "
+                    f"several examples, through {rows.coupling} (e.g. a reshape that merges rows of different "
+                    f"examples), so the loss couples the examples and {undefined} undefined. Keep each row of the "
+                    "loss input within one example, or request the total (DiagGGNExact, DiagHessian)."
+                )
+        if any(q.needs.columns is Columns.SAMPLED for q in curvature) and not _can_sample(term):
             term.sample_sqrt_hessian(1)  # raises UnsupportedLossError naming the loss
         sites: list[CurvedSite] = []
-        if any(isinstance(q, _HESSIAN) for q in session.quantities):
+        if any(q.needs.columns is Columns.HESSIAN for q in curvature):
             self_curved = [
                 (rec, frozenset(id(p) for p in rule_parameters(rule, rec.module).values()))
                 for rec in session.records
@@ -185,51 +126,55 @@ class CurvaturePlan:
         r"""Hooks capturing :math:`\partial L / \partial h` at every curved operation."""
         return [site.node.register_prehook(site.capture) for site in self.sites]
 
-    def run(self, contributions: Contributions, into: PassValues) -> None:
-        """Compute the requested curvature quantities of this pass and put them ``into``."""
-        quantities = {type(q): q for q in self.session.quantities}
-        per_example = any(q in quantities for q in _PER_EXAMPLE)
-        records = _records(contributions)
-        chunk = self.session.options.column_chunk_size
-        sqrt_chunk = _sqrt_chunk(records, chunk)
-        ggn = None
-        if any(q in quantities for q in (DiagGGNExact, BatchDiagGGNExact, *_HESSIAN)):
-            ggn = Diagonals(per_example)
-        kflr = KronSums(quantities[KFLR]) if KFLR in quantities else None
-        ekfac = KronSums(quantities[EKFAC]) if EKFAC in quantities else None
-        exact_sinks = [sink for sink in (ggn, kflr, ekfac) if sink is not None]
-        if exact_sinks:
-            blocks = _split(split_columns(self.term.sqrt_hessian(), self.rows), sqrt_chunk)
-            column_pass(contributions, (self.term.edge,), blocks, records, *exact_sinks, units=self.rows.example_units)
-        mc = None
-        for kind in (DiagGGNMC, KFAC):
-            if kind in quantities:
-                q = quantities[kind]
-                sink = Diagonals(per_example=False) if kind is DiagGGNMC else KronSums(q)
-                draws = SqrtColumns(self.term.sample_sqrt_hessian(q.mc_samples, q.generator))
-                blocks = _split(split_columns(draws, self.rows), sqrt_chunk)
-                column_pass(contributions, (self.term.edge,), blocks, records, sink, units=self.rows.example_units)
-                if kind is DiagGGNMC:
-                    mc = sink
-                else:
-                    sink.put(self.session, contributions, into)
-        if kflr is not None:
-            kflr.put(self.session, contributions, into)
-        if ekfac is not None:
-            self._ekfac(ekfac, contributions, records, into)
-        residual = None
-        if any(q in quantities for q in _HESSIAN):
-            residual = Diagonals(per_example)
-            self._residuals(contributions, records, residual, chunk)
-            self._own_terms(contributions, residual)
-        self._attach(contributions, quantities, ggn, mc, residual, into)
+    def feed(self, contributions: Contributions, sinks: Sequence[tuple[Quantity, Sink]]) -> None:
+        """Feed every sink of a curvature quantity the columns it needs (and the Hessian terms).
 
-    def _ekfac(self, kron: KronSums, contributions: Contributions, records: list[CallRecord], into: PassValues) -> None:
-        """Eigenbases of the KFLR factors, then a second pass of the columns, one at a time, for the diagonals."""
-        eigen = EigenSums(kron.factors(self.session, contributions), contributions, kron.quantity)
-        sqrt = split_columns(self.term.sqrt_hessian(), self.rows)
-        column_pass(contributions, (self.term.edge,), _split(sqrt, 1), records, eigen)
-        eigen.put(into)
+        One pass of the exact columns serves all :attr:`~secorder_hooks.quantities.Columns.EXACT`
+        and :attr:`~secorder_hooks.quantities.Columns.HESSIAN` sinks; each sampled quantity
+        draws its own columns; the second-order terms of the curved operations are computed
+        once (per example if any Hessian quantity keeps examples) and given to each Hessian sink.
+        """
+        records = _records(contributions)
+        exact = [s for q, s in sinks if q.needs.columns in (Columns.EXACT, Columns.HESSIAN)]
+        if exact:
+            self._column_pass(contributions, records, self.term.sqrt_hessian(), exact)
+        for q, sink in sinks:
+            needs = q.needs
+            if needs.columns is Columns.SAMPLED:
+                draws = SqrtColumns(self.term.sample_sqrt_hessian(needs.samples, needs.generator))
+                self._draws[id(q)] = draws
+                self._column_pass(contributions, records, draws, [sink])
+        hessian = [(q, s) for q, s in sinks if q.needs.columns is Columns.HESSIAN]
+        if hessian:
+            per_example = any(q.needs.per_example for q, _ in hessian)
+            terms = Diagonals(per_example)
+            self._residuals(contributions, records, terms, self.session.options.column_chunk_size)
+            self._own_terms(contributions, terms)
+            for q, sink in hessian:
+                add_terms = getattr(sink, "add_terms", None)
+                if add_terms is None:
+                    raise ExtensionError(
+                        f"{type(q).__name__} needs Columns.HESSIAN, but its sink ({type(sink).__name__}) has no "
+                        "add_terms(terms, per_example) to receive the second-order terms of the curved operations."
+                    )
+                add_terms(terms.values, per_example)
+
+    def replay(self, quantity: Quantity, contributions: Contributions, sink: Sink, chunk_size: int | None) -> None:
+        """Feed ``sink`` the columns of ``quantity`` once more (the same draws for sampled columns)."""
+        sqrt = self._draws[id(quantity)] if quantity.needs.columns is Columns.SAMPLED else self.term.sqrt_hessian()
+        self._column_pass(contributions, _records(contributions), sqrt, [sink], chunk_size)
+
+    def _column_pass(
+        self,
+        contributions: Contributions,
+        records: list[CallRecord],
+        sqrt: SqrtColumns,
+        sinks: Sequence[Sink],
+        chunk_size: int | None = None,
+    ) -> None:
+        chunk = _sqrt_chunk(records, self.session.options.column_chunk_size) if chunk_size is None else chunk_size
+        blocks = _split(split_columns(sqrt, self.rows), chunk)
+        column_pass(contributions, (self.term.edge,), blocks, records, *sinks, units=self.rows.example_units)
 
     def _residuals(self, contributions: Contributions, records: list[CallRecord], into: Diagonals, chunk: int | None):
         for site in self.sites:
@@ -389,56 +334,24 @@ class CurvaturePlan:
                 "Expand the factors to a common shape first, or use DiagGGNExact."
             )
 
-    def _attach(
-        self,
-        contributions: Contributions,
-        quantities: dict[type[Quantity], Quantity],
-        ggn: Diagonals | None,
-        mc: Diagonals | None,
-        residual: Diagonals | None,
-        into: PassValues,
-    ) -> None:
-        n = self.batch_size
-        for key in contributions.by_param:
-            p = self.session.params[key]
-            if ggn is not None:
-                g = ggn.get(key, p, n)
-                full_g = g.sum(0) if ggn.per_example else g
-                if DiagGGNExact in quantities:
-                    into.put(key, DiagGGNExact, full_g)
-                if BatchDiagGGNExact in quantities:
-                    into.put(key, BatchDiagGGNExact, g)
-                if residual is not None:
-                    # no residual term (no curved operation reaches p): the GGN's tensor, copied if also attached
-                    if key in residual.values:
-                        h = g + residual.values[key]
-                    else:
-                        h = g.clone() if (BatchDiagGGNExact if ggn.per_example else DiagGGNExact) in quantities else g
-                    if DiagHessian in quantities:
-                        into.put(key, DiagHessian, h.sum(0) if residual.per_example else h)
-                    if BatchDiagHessian in quantities:
-                        into.put(key, BatchDiagHessian, h)
-            if mc is not None:
-                into.put(key, DiagGGNMC, mc.get(key, p, n))
-
 
 def column_pass(
     contributions: Contributions,
     sources: Sequence,
     blocks: Iterator[tuple[tuple[Tensor, ...], Tensor | None]],
     targets: Sequence[CallRecord],
-    *sinks: ColumnSink,
+    *sinks: Sink,
     units: Tensor | None = None,
 ) -> None:
-    r"""Backpropagate column blocks and feed each to every sink (e.g. :math:`\sum_v w_{vn} (g^{(v)}_n)^2`).
+    r"""Backpropagate column blocks and feed the rule results of each to every sink.
 
     Args:
         contributions: The contributing calls and their rules.
         sources: Gradient edges the columns start at.
         blocks: ``(columns per source [V, *source], weights [V, U] or None)`` chunks.
         targets: The records the columns can reach.
-        sinks: Where to accumulate (:class:`Diagonals`, :class:`~secorder_hooks.engine.kronecker.KronSums`;
-            only :class:`Diagonals`, not per example, if ``units`` is given).
+        sinks: Where to accumulate (:class:`~secorder_hooks.quantities.Sink`; only summed
+            :class:`~secorder_hooks.quantities.diagonals.Diagonals` if ``units`` is given).
         units: ``[N]`` unit of each example: the per-example gradients are summed over
             each unit before squaring (:math:`\sum_v w_{vu} (\sum_{n \in u} g^{(v)}_n)^2`);
             ``None``: the units are the examples.
@@ -469,19 +382,21 @@ def column_pass(
 
 
 def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) -> dict[int, Tensor]:
-    """GGN or Monte-Carlo Fisher diagonal of a loss of ``outputs`` computed inside ``extend()``.
+    """A curvature quantity of a loss of ``outputs`` computed inside ``extend()`` (the function API's GGN).
 
     Uses the records of the active session whose forward pass produced ``outputs``, and
-    one vectorized backward of the loss-Hessian square-root columns; the ordinary
+    one vectorized backward of the quantity's columns (exact or sampled); the ordinary
     backward pass is not needed.
 
     Args:
         outputs: The model output the term is a function of.
         term: The loss term (its edge must be ``outputs``' or below it).
-        quantity: :class:`~secorder_hooks.DiagGGNExact` or :class:`~secorder_hooks.DiagGGNMC`.
+        quantity: A quantity of :attr:`~secorder_hooks.quantities.Columns.EXACT` or
+            :attr:`~secorder_hooks.quantities.Columns.SAMPLED` columns whose sink needs no
+            replay (:class:`~secorder_hooks.DiagGGNExact`, :class:`~secorder_hooks.DiagGGNMC`).
 
     Returns:
-        Parameter id -> diagonal (``p.shape``), for every parameter the outputs depend on.
+        Parameter id -> value, for every parameter the outputs depend on.
 
     Raises:
         LookupError: No active session recorded the forward pass of ``outputs``.
@@ -491,27 +406,27 @@ def curvature_from_outputs(outputs: Tensor, term: LossTerm, quantity: Quantity) 
     if not records:
         raise LookupError("outputs were not computed inside an active secorder_hooks.extend() context.")
     contributions = Contributions.of(records)
-    into = Diagonals(per_example=False)
-    if isinstance(quantity, DiagGGNMC):
-        sqrt = SqrtColumns(term.sample_sqrt_hessian(quantity.mc_samples, quantity.generator))
-    elif isinstance(quantity, DiagGGNExact):
+    needs = quantity.needs
+    if needs.columns is Columns.SAMPLED:
+        sqrt = SqrtColumns(term.sample_sqrt_hessian(needs.samples, needs.generator))
+    elif needs.columns is Columns.EXACT:
         sqrt = term.sqrt_hessian()
     else:
-        raise ExtensionError(f"curvature_from_outputs supports DiagGGNExact and DiagGGNMC, not {quantity!r}.")
+        raise ExtensionError(f"curvature_from_outputs supports exact or sampled columns, not {quantity!r}.")
     rows = row_map(term.edge, term.shape, records)
     sqrt = split_columns(sqrt, rows)
+    sink = quantity.sink()
     session.records.paused = True
     try:
         chunk = _sqrt_chunk(records, session.options.column_chunk_size)
-        column_pass(contributions, (term.edge,), _split(sqrt, chunk), records, into, units=rows.example_units)
+        column_pass(contributions, (term.edge,), _split(sqrt, chunk), records, sink, units=rows.example_units)
+        context = PassState(contributions, session.params, session.param_names, rows.batch_size)
+        return dict(sink.finish(context))
     finally:
         session.records.paused = False
-    return into.values
 
 
 def _active_session() -> Session | None:
-    from secorder_hooks.engine.session import active_sessions
-
     sessions = active_sessions()
     return sessions[-1] if sessions else None
 

@@ -25,7 +25,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from secorder_hooks.quantities import WeightSharing
+from secorder_hooks.quantities import RuleMethod, WeightSharing
 
 __all__ = [
     "LayerRule",
@@ -34,6 +34,8 @@ __all__ = [
     "rule_for",
     "registered_rule",
     "trainable_parameters",
+    "rule_parameters",
+    "implements",
     "square_sum",
     "squared_norms",
     "weighted_square_reduce",
@@ -56,6 +58,24 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
             seen.add(id(p))
             own[name] = p
     return own
+
+
+def rule_parameters(rule: LayerRule, module: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters ``rule`` computes quantities of for ``module``, by name relative to it.
+
+    ``rule.parameters(module)`` where the rule defines it (a
+    :class:`~secorder_hooks.rules.generic.GenericRule` with ``children``), else the
+    module's own trainable parameters.
+    """
+    covered = getattr(rule, "parameters", None)
+    return covered(module) if callable(covered) else trainable_parameters(module)
+
+
+def implements(rule: LayerRule, method: RuleMethod) -> bool:
+    """Whether ``rule`` implements ``method``: the methods with defaults always, the Kronecker ones if overridden."""
+    if method is RuleMethod.KRONECKER:
+        return type(rule).kronecker_input is not LayerRule.kronecker_input
+    return True
 
 
 class LayerRule:

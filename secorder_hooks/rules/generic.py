@@ -40,7 +40,6 @@ __all__ = [
     "batch_layout_for",
     "example_count",
     "register_batch_layout",
-    "rule_parameters",
 ]
 
 Outputs = tuple[Tensor, ...]
@@ -109,16 +108,6 @@ def batch_layout_for(module: nn.Module) -> BatchLayout:
 def example_count(module: nn.Module, inputs: Sequence[Any], output_shapes: Sequence[torch.Size]) -> int:
     """Number of examples of a recorded call, read along the module's example axis."""
     return batch_layout_for(module).example_count(module, inputs, output_shapes)
-
-
-def rule_parameters(rule: LayerRule, module: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable parameters ``rule`` computes quantities of for ``module``, by name relative to it.
-
-    ``rule.parameters(module)`` where the rule defines it (a :class:`GenericRule` with
-    ``children``), else the module's own trainable parameters.
-    """
-    covered = getattr(rule, "parameters", None)
-    return covered(module) if callable(covered) else trainable_parameters(module)
 
 
 def _axes_by_name(module: nn.Module, inputs: Sequence[Any], axes: dict[str, Any]) -> tuple[tuple, dict]:
