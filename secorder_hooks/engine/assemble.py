@@ -17,15 +17,9 @@ from secorder_hooks.engine.broadcast import replica_rule_call
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import RuleMethod, Sink
-from secorder_hooks.rules.base import (
-    LayerRule,
-    implements,
-    rule_for,
-    rule_parameters,
-    squared_norms,
-    weighted_square_reduce,
-)
-from secorder_hooks.rules.generic import example_count
+from secorder_hooks.rules.base import LayerRule, implements, rule_parameters, squared_norms, weighted_square_reduce
+from secorder_hooks.rules.layout import example_count
+from secorder_hooks.rules.lookup import rule_for
 
 __all__ = ["Contributions", "ColumnResults", "PassState", "pass_examples"]
 

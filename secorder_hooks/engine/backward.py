@@ -40,7 +40,8 @@ from secorder_hooks.engine.session import Session
 from secorder_hooks.engine.sync import Shards, scaled_loss_call, synchronize
 from secorder_hooks.errors import ExtensionError, SecorderError
 from secorder_hooks.quantities import Accumulation, Columns
-from secorder_hooks.rules.generic import GenericRule, example_count
+from secorder_hooks.rules.generic import GenericRule
+from secorder_hooks.rules.layout import example_count
 
 __all__ = ["tensor_backward", "autograd_backward", "run_backward"]
 
@@ -152,7 +153,7 @@ def run_backward(
             session.records.capturing = False
             for handle in handles:
                 handle.remove()
-        check_batch_axes(session, loss, [rec for rec in session.records if rec.reached])
+        check_batch_axes(loss, [rec for rec in session.records if rec.reached])
         _quantities(session, plan, window, shards, misuse_fired, before, param_grads, retain_graph, create_graph)
     except BaseException:
         window.abandon()  # .grad may have changed: what the parameters hold would no longer match it

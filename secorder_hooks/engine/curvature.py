@@ -40,7 +40,8 @@ from secorder_hooks.errors import ExtensionError, UnsupportedLossError, Unsuppor
 from secorder_hooks.losses.base import LossTerm, SqrtColumns
 from secorder_hooks.quantities import Columns, Quantity, Sink
 from secorder_hooks.quantities.diagonals import Diagonals
-from secorder_hooks.rules.base import LayerRule, rule_for, rule_parameters, weighted_square_reduce
+from secorder_hooks.rules.base import LayerRule, rule_parameters, weighted_square_reduce
+from secorder_hooks.rules.lookup import rule_for
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle

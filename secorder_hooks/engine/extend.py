@@ -10,7 +10,7 @@ from torch import nn
 from secorder_hooks.engine.mode import EngineMode
 from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.session import Session
-from secorder_hooks.engine.sync import SyncOption
+from secorder_hooks.engine.sync import SyncOption, ddp_of, sync_group
 from secorder_hooks.quantities import Quantity
 
 __all__ = ["extend"]
@@ -88,7 +88,7 @@ def extend(
             quantities could not match it (call ``zero_grad()`` first).
     """
     options = EngineOptions(column_chunk_size=column_chunk_size, accumulate=accumulate)
-    session = Session(model, quantities, options, sync)
+    session = Session(model, quantities, options, ddp_of(model), sync_group(model, sync))
     session.open()
     try:
         # The mode refers to the session, not the reverse: the session is freed by reference counting on

@@ -47,7 +47,7 @@ class EngineMode(TorchFunctionMode):
             return autograd_backward(self.session, *args, **kwargs)
         session = self.session
         if func in BROADCASTING and session.watched and not session.records.paused:
-            args, kwargs = expand_watched(session, func, args, kwargs)
+            args, kwargs = expand_watched(session.watched, session.records, func, args, kwargs)
         result = func(*args, **kwargs)  # the operation itself: its errors reach the caller unchanged
         if func in LOSS_FUNCTIONS:
             if isinstance(result, Tensor) and result.grad_fn is not None:  # not under no_grad(): no backward follows

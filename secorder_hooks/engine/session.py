@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,11 +19,11 @@ from torch.utils.hooks import RemovableHandle
 from secorder_hooks.engine.broadcast import Watched, root_batch_size, watch
 from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.records import GraphOwned, RecordStore
-from secorder_hooks.engine.sync import SyncOption, ddp_of, sync_group
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
 from secorder_hooks.quantities import Quantity
-from secorder_hooks.rules.base import LayerRule, implements, rule_for, rule_parameters
+from secorder_hooks.rules.base import LayerRule, implements, rule_parameters
+from secorder_hooks.rules.lookup import rule_for
 from secorder_hooks.rules.reparametrized import (
     Form,
     Reparametrization,
@@ -63,12 +64,19 @@ class Session:
         model: The model whose trainable parameters receive the quantities.
         quantities: The quantities to compute in each backward pass.
         options: Engine options (chunking of curvature columns).
-        sync: Whether and over which process group to synchronize the quantities
-            (:data:`~secorder_hooks.engine.sync.SyncOption`).
+        ddp: The model if it is a ``DistributedDataParallel``
+            (:func:`~secorder_hooks.engine.sync.ddp_of`).
+        sync_group: The process group to synchronize the quantities over, or ``None``
+            (:func:`~secorder_hooks.engine.sync.sync_group`).
     """
 
     def __init__(
-        self, model: nn.Module, quantities: Sequence[Quantity], options: EngineOptions, sync: SyncOption = None
+        self,
+        model: nn.Module,
+        quantities: Sequence[Quantity],
+        options: EngineOptions,
+        ddp: nn.Module | None = None,
+        sync_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
@@ -81,9 +89,9 @@ class Session:
         self.model = model
         self.quantities = tuple(quantities)
         self.options = options
-        self.ddp = ddp_of(model)
+        self.ddp = ddp
         """The model if it is a ``DistributedDataParallel`` (its ``.grad`` are averaged over processes)."""
-        self.sync_group = sync_group(model, sync)
+        self.sync_group = sync_group
         """The process group the quantities are synchronized over, or ``None``."""
         self.params: dict[int, nn.Parameter] = {}
         self.owners: dict[int, list[nn.Module]] = {}
@@ -245,7 +253,7 @@ class Session:
                     count = self.records.pending_count
                     replaced = self.records.record(module, name, args, kwargs, output, effective, self.batch_size)
                     if self.batch_size is not None and self.records.pending_count > count:
-                        watch(self, self.records.last, output if replaced is None else replaced)
+                        watch(self.watched, self.records.last, output if replaced is None else replaced)
                     return replaced
             return None
 

@@ -31,7 +31,6 @@ __all__ = [
     "LayerRule",
     "FunctionRule",
     "register_rule",
-    "rule_for",
     "registered_rule",
     "trainable_parameters",
     "rule_parameters",
@@ -356,17 +355,3 @@ def registered_rule(module: nn.Module) -> LayerRule | None:
         if cls in _RULES:
             return _RULES[cls]
     return None
-
-
-def rule_for(module: nn.Module) -> LayerRule:
-    """The registered rule for ``module``, or the generic torch.func fallback.
-
-    For a module with reparametrized tensors (``torch.nn.utils.parametrizations``, the
-    deprecated weight-norm hook), that rule wrapped in a
-    :class:`~secorder_hooks.rules.reparametrized.ReparametrizedRule`, which maps its
-    quantities of the effective tensors to the trainable originals.
-    """
-    from secorder_hooks.rules.generic import GENERIC_RULE
-    from secorder_hooks.rules.reparametrized import wrap_reparametrized
-
-    return wrap_reparametrized(module, registered_rule(module) or GENERIC_RULE)
