@@ -64,10 +64,9 @@ class Session:
         model: The model whose trainable parameters receive the quantities.
         quantities: The quantities to compute in each backward pass.
         options: Engine options (chunking of curvature columns).
-        ddp: The model if it is a ``DistributedDataParallel``
-            (:func:`~secorder_hooks.engine.sync.ddp_of`).
+        ddp: The model if it is a ``DistributedDataParallel`` (``engine.sync.ddp_of``).
         sync_group: The process group to synchronize the quantities over, or ``None``
-            (:func:`~secorder_hooks.engine.sync.sync_group`).
+            (``engine.sync.sync_group``).
     """
 
     def __init__(

@@ -7,13 +7,14 @@ Each quantity is written to every trainable parameter ``p`` under the attribute 
 BackPACK, so code written for BackPACK reads it unchanged.
 
 Like ``.grad``, the quantities accumulate over the backward passes run since ``.grad``
-was last reset (see :doc:`/conventions`); :class:`Accumulation` says how each one does.
+was last reset (see :doc:`/conventions`); :class:`~secorder_hooks.Accumulation` says how each one does.
 Each quantity also declares how its value on a batch follows from its values on shards
-of the batch (:class:`ShardScaling`), which data-parallel training needs
+of the batch (:class:`~secorder_hooks.quantities.ShardScaling`), which data-parallel training needs
 (:doc:`/distributed`).
 
 Each quantity owns its computation (:mod:`secorder_hooks.quantities.base`): it declares
-what it needs from the engine (:class:`Needs`) and makes the :class:`Sink` that turns the
+what it needs from the engine (:class:`~secorder_hooks.quantities.Needs`) and makes the
+:class:`~secorder_hooks.quantities.Sink` that turns the
 rule results into its per-parameter values. One module per family:
 :mod:`~secorder_hooks.quantities.first_order`, :mod:`~secorder_hooks.quantities.diagonals`,
 :mod:`~secorder_hooks.quantities.kronecker`.

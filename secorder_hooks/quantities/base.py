@@ -5,8 +5,8 @@ vectors the engine backpropagates to the recorded layer outputs, :class:`Columns
 which rule methods it calls, :class:`RuleMethod`) and makes a :class:`Sink` for every
 backward pass. The engine knows no quantity by name: it feeds each sink the rule results
 of the vectors the quantity asked for, asks it for its per-parameter values, combines
-them with the earlier passes by the quantity's :class:`Accumulation` (:meth:`Quantity.combine`)
-and writes them with :meth:`Quantity.attach`.
+them with the earlier passes by the quantity's :class:`~secorder_hooks.Accumulation`
+(:meth:`~secorder_hooks.Quantity.combine`) and writes them with :meth:`~secorder_hooks.Quantity.attach`.
 
 The engine's side of the contract is described by two protocols: :class:`RuleResults`
 (the rule results of one block of vectors) and :class:`PassContext` (the parameters of
@@ -182,10 +182,10 @@ class RuleResults(Protocol):
     """
 
     contributions: Any
-    weights: Tensor | None
+    weights: torch.Tensor | None
 
-    def grad_outputs(self, record: Any) -> Tensor | tuple[Tensor, ...]:
-        """``[V, N, *out]`` vectors at the output of ``record`` (a tuple for several outputs)."""
+    def grad_outputs(self, record: Any) -> Any:
+        """``[V, N, *out]`` vectors at the output of ``record`` (a tuple of them for several outputs)."""
 
     def per_example_grads(self, parts: Sequence[tuple[Any, str]]) -> Tensor:
         """``[V, N, *p]`` per-example gradients of each vector."""
@@ -211,7 +211,7 @@ class PassContext(Protocol):
     """
 
     contributions: Any
-    params: Mapping[int, Tensor]
+    params: Mapping[int, torch.Tensor]
     param_names: Mapping[int, str]
     batch_size: int
 
@@ -233,7 +233,7 @@ class Sink(Protocol):
         """Add the contribution of one block of vectors for each of ``params``."""
 
     def finish(self, context: PassContext) -> Mapping[int, Any]:
-        """Parameter id -> the value of this pass (what :meth:`Quantity.combine` receives)."""
+        """Parameter id -> the value of this pass (what :meth:`~secorder_hooks.Quantity.combine` receives)."""
 
     def add_terms(self, terms: Mapping[int, Tensor], per_example: bool) -> None:
         """(:attr:`Columns.HESSIAN` only.) Add second-order diagonal terms, ``[N, *p]`` if ``per_example``."""
@@ -277,7 +277,7 @@ class Quantity:
 
     A new quantity sets :attr:`attribute`, :attr:`order`, :attr:`accumulation` and
     :attr:`shard_scaling`, says what it needs (:attr:`needs`) and makes its per-pass
-    :class:`Sink` (:meth:`sink`); see :doc:`/engine` for a worked example.
+    :class:`~secorder_hooks.quantities.Sink` (:meth:`sink`); see :doc:`/engine` for a worked example.
 
     Attributes:
         attribute: Name of the attribute written to each trainable parameter.
@@ -295,7 +295,7 @@ class Quantity:
 
     @property
     def needs(self) -> Needs:
-        """What the quantity needs; by default the gradient (:attr:`Order.FIRST`) or the exact columns."""
+        """What the quantity needs; by default the gradient (order ``FIRST``) or the exact columns."""
         return Needs(Columns.GRADIENT if self.order is Order.FIRST else Columns.EXACT)
 
     def sink(self) -> Sink:
@@ -343,7 +343,7 @@ class Quantity:
             setattr(p, self.attribute, value)
 
     def missing_rule(self, method: RuleMethod, module_name: str, module: nn.Module) -> str:
-        """The error message for a module whose rule lacks ``method`` (see :attr:`Needs.rule_methods`)."""
+        """The error message for a module whose rule lacks ``method``, one of its ``needs.rule_methods``."""
         return (
             f"{type(self).__name__}: module '{module_name}' ({type(module).__name__}) has trainable parameters but "
             f"its rule does not implement {method.value}. Register a rule that does, or freeze them with "

@@ -31,7 +31,7 @@ Parts = Sequence[tuple[Any, str]]
 
 
 class KronOptions(Protocol):
-    """The options of a Kronecker quantity (:class:`~secorder_hooks.quantities.KroneckerQuantity`) the sums follow."""
+    """The options of a Kronecker quantity (:class:`~secorder_hooks.KroneckerQuantity`) the sums follow."""
 
     sharing: WeightSharing
     separate_weight_and_bias: bool
@@ -197,7 +197,7 @@ class EigenSums:
         quantity: The EK-FAC quantity (its options say whether the bias is folded in).
     """
 
-    def __init__(self, factors: Mapping[int, list[Tensor]], contributions: Any, quantity: KronOptions) -> None:
+    def __init__(self, factors: Mapping[int, list[torch.Tensor]], contributions: Any, quantity: KronOptions) -> None:
         self.quantity = quantity
         self.bases: dict[int, list[Tensor]] = {}
         self.input_first: dict[int, bool] = {}

@@ -188,7 +188,7 @@ class GenericRule(LayerRule):
     r"""Exact per-example quantities of any module's own parameters, the module treated as a leaf.
 
     Handles keyword arguments, several (nested) outputs, non-tensor and shared
-    arguments, and example axes other than 0 (see :class:`BatchLayout`). ``grad_output``
+    arguments, and example axes other than 0 (see :class:`~secorder_hooks.rules.layout.BatchLayout`). ``grad_output``
     is ``[V, *out]`` for each differentiable output, ``*out`` in the module's own layout
     (``[V, N, *out]`` for the default layout); a tuple of them for several outputs.
 
