@@ -61,6 +61,14 @@ class Contributions:
                 result.by_param.setdefault(id(p), []).append((rec, name))
         return result
 
+    def records(self) -> list[CallRecord]:
+        """The contributing calls, each once, in order of first contribution."""
+        seen: dict[int, CallRecord] = {}
+        for parts in self.by_param.values():
+            for rec, _ in parts:
+                seen.setdefault(id(rec), rec)
+        return list(seen.values())
+
 
 class ColumnResults:
     """Lazily computed, cached rule results for ``V`` vectors at each call's output.

@@ -126,7 +126,7 @@ class KronSums:
             p = context.params[key]
             kron = all(context.implements(r.module, RuleMethod.KRONECKER) for r, _ in parts)
             if key in self.diagonals or not kron:
-                if q.fallback is KronFallback.ERROR:  # check_kronecker_support raised already
+                if q.fallback is KronFallback.ERROR:  # extend() raised already (Needs.rule_methods)
                     raise UnsupportedModuleError(
                         f"{type(q).__name__}: parameter '{context.param_names[key]}' has no Kronecker rule."
                     )
