@@ -117,7 +117,7 @@ def run_backward(
 
     _check_examples(session)
     check_batch_mixing(session, loss)
-    curvature = any(q.needs.columns is not Columns.GRADIENT for q in session.quantities)
+    curvature = any(session.needs_of(q).columns is not Columns.GRADIENT for q in session.quantities)
     plan = CurvaturePlan.build(session, loss) if curvature else None
     window = Window.open(session)
     shards = _start_shards(session, loss, create_graph)

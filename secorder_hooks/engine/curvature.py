@@ -81,7 +81,7 @@ class CurvaturePlan:
             UnsupportedOperationError: The Hessian is requested through an operation
                 whose second-order term is unknown.
         """
-        curvature = [q for q in session.quantities if q.needs.columns in _CURVATURE]
+        curvature = [q for q in session.quantities if session.needs_of(q).columns in _CURVATURE]
         if reentrant_checkpoint(loss.grad_fn) is not None:
             names = ", ".join(type(q).__name__ for q in curvature)
             raise ExtensionError(
@@ -91,7 +91,7 @@ class CurvaturePlan:
         term = select_loss_term(session, loss)
         rows = row_map(term.edge, term.shape, list(session.records))
         for q in curvature:
-            undefined = q.needs.undefined_when_coupled
+            undefined = session.needs_of(q).undefined_when_coupled
             if undefined is not None and rows.example_units is not None:
                 raise UnsupportedLossError(
                     f"{type(q).__name__}: rows of the loss input {term.name} (shape {tuple(term.shape)}) depend on "
@@ -99,10 +99,10 @@ class CurvaturePlan:
                     f"examples), so the loss couples the examples and {undefined} undefined. Keep each row of the "
                     "loss input within one example, or request the total (DiagGGNExact, DiagHessian)."
                 )
-        if any(q.needs.columns is Columns.SAMPLED for q in curvature) and not _can_sample(term):
+        if any(session.needs_of(q).columns is Columns.SAMPLED for q in curvature) and not _can_sample(term):
             term.sample_sqrt_hessian(1)  # raises UnsupportedLossError naming the loss
         hessian = None
-        if any(q.needs.columns is Columns.HESSIAN for q in curvature):
+        if any(session.needs_of(q).columns is Columns.HESSIAN for q in curvature):
             hessian = HessianTerms.find(session, term.edge.node, rows)
         return cls(session, term, rows, hessian)
 
@@ -119,18 +119,18 @@ class CurvaturePlan:
         once (per example if any Hessian quantity keeps examples) and given to each Hessian sink.
         """
         records = contributions.records()
-        exact = [s for q, s in sinks if q.needs.columns in (Columns.EXACT, Columns.HESSIAN)]
+        needs = self.session.needs_of
+        exact = [s for q, s in sinks if needs(q).columns in (Columns.EXACT, Columns.HESSIAN)]
         if exact:
             self._column_pass(contributions, records, self.term.sqrt_hessian(), exact)
         for q, sink in sinks:
-            needs = q.needs
-            if needs.columns is Columns.SAMPLED:
-                draws = SqrtColumns(self.term.sample_sqrt_hessian(needs.samples, needs.generator))
+            if needs(q).columns is Columns.SAMPLED:
+                draws = SqrtColumns(self.term.sample_sqrt_hessian(needs(q).samples, needs(q).generator))
                 self._draws[id(q)] = draws
                 self._column_pass(contributions, records, draws, [sink])
-        hessian = [(q, s) for q, s in sinks if q.needs.columns is Columns.HESSIAN]
+        hessian = [(q, s) for q, s in sinks if needs(q).columns is Columns.HESSIAN]
         if hessian:
-            per_example = any(q.needs.per_example for q, _ in hessian)
+            per_example = any(needs(q).per_example for q, _ in hessian)
             terms = Diagonals(per_example)
             assert self.hessian is not None, "Hessian quantities without the curved operations"
             self.hessian.compute(contributions, terms, self.session.options.column_chunk_size)
@@ -145,7 +145,8 @@ class CurvaturePlan:
 
     def replay(self, quantity: Quantity, contributions: Contributions, sink: Sink, chunk_size: int | None) -> None:
         """Feed ``sink`` the columns of ``quantity`` once more (the same draws for sampled columns)."""
-        sqrt = self._draws[id(quantity)] if quantity.needs.columns is Columns.SAMPLED else self.term.sqrt_hessian()
+        sampled = self.session.needs_of(quantity).columns is Columns.SAMPLED
+        sqrt = self._draws[id(quantity)] if sampled else self.term.sqrt_hessian()
         self._column_pass(contributions, contributions.records(), sqrt, [sink], chunk_size)
 
     def _column_pass(

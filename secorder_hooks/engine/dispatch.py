@@ -2,7 +2,7 @@
 
 The engine knows no quantity by name. For every quantity of the session it makes a
 :class:`~secorder_hooks.quantities.Sink` (:meth:`~secorder_hooks.quantities.Quantity.sink`)
-and feeds it by what the quantity declares (:attr:`~secorder_hooks.quantities.Quantity.needs`):
+and feeds it by what the quantity declares (:attr:`~secorder_hooks.Quantity.needs`, asked once per ``extend()``):
 
 * :attr:`~secorder_hooks.quantities.Columns.GRADIENT`: the rule results of the gradients
   captured in the ordinary backward pass, one block shared by all such sinks;
@@ -45,19 +45,18 @@ def compute_quantities(
         into: The values of this pass.
     """
     sinks = [(q, q.sink()) for q in session.quantities]
-    gradient = [sink for q, sink in sinks if q.needs.columns is Columns.GRADIENT]
+    gradient = [sink for q, sink in sinks if session.needs_of(q).columns is Columns.GRADIENT]
     if gradient:
         _feed_gradient(contributions, gradient)
-    curvature = [(q, sink) for q, sink in sinks if q.needs.columns is not Columns.GRADIENT]
+    curvature = [(q, sink) for q, sink in sinks if session.needs_of(q).columns is not Columns.GRADIENT]
     if curvature:
         assert plan is not None, "a curvature quantity without a curvature plan"
         plan.feed(contributions, curvature)
     batch_size = plan.batch_size if plan is not None else into.examples
     attached: dict[int, set[int]] = {}
     for q, sink in sinks:
-        state = PassState(
-            contributions, session.params, session.param_names, batch_size, _replayer(q, contributions, plan)
-        )
+        replayer = _replayer(session, q, contributions, plan)
+        state = PassState(contributions, session.params, session.param_names, batch_size, replayer)
         for key, value in sink.finish(state).items():
             if q.accumulation in _ATTACHED_AS_IS and isinstance(value, Tensor):
                 seen = attached.setdefault(key, set())
@@ -67,7 +66,7 @@ def compute_quantities(
             into.put(key, type(q), value)
 
 
-def _feed_gradient(contributions: Contributions, sinks: Sequence[Sink], chunk_size: int | None = None) -> None:
+def _feed_gradient(contributions: Contributions, sinks: Sequence[Sink]) -> None:
     """One block: the gradient captured at every contributing call's output, for all parameters."""
     results = ColumnResults(contributions, CallRecord.grad_output)
     params = list(contributions.by_param.items())
@@ -75,8 +74,8 @@ def _feed_gradient(contributions: Contributions, sinks: Sequence[Sink], chunk_si
         sink.accumulate(results, params)
 
 
-def _replayer(q: Quantity, contributions: Contributions, plan: CurvaturePlan | None):
-    if q.needs.columns is Columns.GRADIENT:
+def _replayer(session: Session, q: Quantity, contributions: Contributions, plan: CurvaturePlan | None):
+    if session.needs_of(q).columns is Columns.GRADIENT:
         return lambda sink, chunk_size: _feed_gradient(contributions, [sink])
     assert plan is not None
     return partial(plan.replay, q, contributions)

@@ -21,7 +21,7 @@ from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.records import GraphOwned, RecordStore
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
-from secorder_hooks.quantities import Quantity
+from secorder_hooks.quantities import Needs, Quantity
 from secorder_hooks.rules.base import LayerRule, implements, rule_parameters
 from secorder_hooks.rules.lookup import rule_for
 from secorder_hooks.rules.reparametrized import (
@@ -87,6 +87,7 @@ class Session:
             raise ValueError(f"extend() got the same quantity twice: {list(quantities)}.")
         self.model = model
         self.quantities = tuple(quantities)
+        self._needs = {id(q): q.needs for q in self.quantities}  # asked once: quantities are immutable
         self.options = options
         self.ddp = ddp
         """The model if it is a ``DistributedDataParallel`` (its ``.grad`` are averaged over processes)."""
@@ -193,6 +194,10 @@ class Session:
         self.reset_pass()
         self._active.clear()
 
+    def needs_of(self, quantity: Quantity) -> Needs:
+        """What ``quantity`` (one of the session's) needs, as it said when ``extend()`` started."""
+        return self._needs[id(quantity)]
+
     def _check_rule_methods(self) -> None:
         """Raise before any forward pass if a quantity needs a rule method a covered module's rule lacks.
 
@@ -200,7 +205,7 @@ class Session:
             UnsupportedModuleError: With the quantity's message naming the module and the remedy.
         """
         for q in self.quantities:
-            for method in q.needs.rule_methods:
+            for method in self.needs_of(q).rule_methods:
                 for module, rule in self.rules.items():
                     if not implements(rule, method):
                         raise UnsupportedModuleError(q.missing_rule(method, self.module_names[module], module))
