@@ -21,7 +21,8 @@ from torch import Tensor, nn
 import secorder_hooks
 from secorder_hooks import BatchGrad, BatchL2Grad, SumGradSquared, UnsupportedModuleError, Variance
 from secorder_hooks.rules import linear as linear_rules
-from secorder_hooks.rules.base import ACCUMULATE_VECTORS, rule_for, square_sum, trainable_parameters
+from secorder_hooks.rules import rule_for
+from secorder_hooks.rules.base import ACCUMULATE_VECTORS, square_sum, trainable_parameters
 from secorder_hooks.rules.conv import ConvRule
 from secorder_hooks.rules.embedding import EmbeddingRule
 from secorder_hooks.rules.linear import LinearRule, NormStrategy, outer_sum_squared_norms, outer_sums

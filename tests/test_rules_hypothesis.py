@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
-from secorder_hooks.rules.base import rule_for, trainable_parameters
+from secorder_hooks.rules import rule_for
+from secorder_hooks.rules.base import trainable_parameters
 from secorder_hooks.rules.conv import GROUPED_MIN_CHANNELS
 
 DT = torch.float64

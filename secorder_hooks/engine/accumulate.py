@@ -35,16 +35,13 @@ import enum
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from secorder_hooks.engine.session import Session
 from secorder_hooks.errors import ExtensionError
-from secorder_hooks.quantities import EKFAC, Accumulation, KroneckerFactors, Quantity
-
-if TYPE_CHECKING:
-    from secorder_hooks.engine.session import Session
+from secorder_hooks.quantities import Accumulation, Quantity
 
 __all__ = ["PassValues", "Window", "WINDOW_ATTRIBUTE", "clear_quantities", "quantity_attributes"]
 
@@ -239,21 +236,13 @@ class Window:
             for q in session.quantities:
                 old = getattr(p, q.attribute, None) if continued else None
                 value = new.get(type(q))
-                if q.accumulation is Accumulation.SUM:
-                    result = _add(old, value)
-                elif q.accumulation is Accumulation.CONCATENATE:
-                    result = _concatenate(old, value, before, values.examples)
-                elif q.accumulation is Accumulation.KRONECKER:
-                    result = _combine_factors(old, value, before, values.examples, session.param_names[key], q)
-                else:
+                if q.accumulation is Accumulation.VARIANCE:  # from the window's running sums and .grad
                     square_sum = _add(state.square_sum if state is not None else None, value)
                     n = total if values.summed_examples is None else before + values.summed_examples
                     result = None if square_sum is None else _variance(square_sum, grads.get(key), n)
-                if result is None:
-                    if hasattr(p, q.attribute):
-                        delattr(p, q.attribute)
                 else:
-                    setattr(p, q.attribute, result)
+                    result = q.combine(old, value, before, values.examples, session.param_names[key])
+                q.attach(p, result)
             _forget(p, stale)
             if not session.options.accumulate:
                 continue  # the quantities describe this pass alone, .grad perhaps more
@@ -294,40 +283,10 @@ def _all_zero(grads: list[Tensor]) -> list[bool]:
     return result
 
 
-def _combine_factors(
-    old: KroneckerFactors | None, new: KroneckerFactors | None, before: int, added: int, name: str, q: Quantity
-) -> KroneckerFactors | None:
-    """Kronecker factors of two windows: sums add up, the input factor (a mean) becomes the mean over both."""
-    if old is None or new is None:
-        return new if old is None else old
-    if isinstance(q, EKFAC) and len(new) > 1:
-        raise ExtensionError(
-            f"parameter '{name}': EKFAC's eigenbases of one backward pass cannot be combined with another's. Call "
-            "model.zero_grad() between the passes, or pass extend(..., accumulate=False)."
-        )
-    total = before + added
-    combined = [
-        (o * before + n * added) / total if i == new.mean_index else o + n for i, (o, n) in enumerate(zip(old, new))
-    ]
-    return KroneckerFactors(combined, new.mean_index)
-
-
 def _add(old: Tensor | None, new: Tensor | None) -> Tensor | None:
     if old is None:
         return new
     return old if new is None else old + new
-
-
-def _concatenate(old: Tensor | None, new: Tensor | None, before: int, added: int) -> Tensor | None:
-    """Rows of the earlier examples (zeros if none were kept), then this pass's (zeros if not reached)."""
-    like = new if new is not None else old
-    if like is None:
-        return None
-    if old is None and before > 0:
-        old = like.new_zeros(before, *like.shape[1:])
-    if new is None:
-        new = like.new_zeros(added, *like.shape[1:])
-    return new if old is None else torch.cat([old, new])
 
 
 def _variance(square_sum: Tensor, grad: Tensor | None, n: int) -> Tensor:

@@ -1,4 +1,4 @@
-r"""Turning per-call rule results into per-parameter quantities.
+r"""Rule results per parameter: what the quantities' sinks read (:class:`~secorder_hooks.quantities.RuleResults`).
 
 A parameter may receive contributions from several calls (a module called in a loop)
 or several modules (weights shared between modules). Per-example gradients are summed
@@ -8,24 +8,20 @@ parameters with a single contribution.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from secorder_hooks.engine.accumulate import PassValues
 from secorder_hooks.engine.broadcast import replica_rule_call
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError
-from secorder_hooks.quantities import BatchGrad, BatchL2Grad, SumGradSquared, Variance
-from secorder_hooks.rules.base import LayerRule, rule_for, squared_norms, weighted_square_reduce
-from secorder_hooks.rules.generic import example_count, rule_parameters
+from secorder_hooks.quantities import RuleMethod, Sink
+from secorder_hooks.rules.base import LayerRule, implements, rule_parameters, squared_norms, weighted_square_reduce
+from secorder_hooks.rules.layout import example_count
+from secorder_hooks.rules.lookup import rule_for
 
-if TYPE_CHECKING:
-    from secorder_hooks.engine.session import Session
-
-__all__ = ["Contributions", "ColumnResults", "assemble_first_order", "pass_examples"]
+__all__ = ["Contributions", "ColumnResults", "PassState", "pass_examples"]
 
 
 @dataclass
@@ -39,11 +35,6 @@ class Contributions:
 
     by_param: dict[int, list[tuple[CallRecord, str]]] = field(default_factory=dict)
     rules: dict[nn.Module, LayerRule] = field(default_factory=dict)
-
-    @classmethod
-    def collect(cls, session: Session) -> Contributions:
-        """Group the calls reached by the last ordinary backward pass by parameter."""
-        return cls.of([rec for rec in session.records if rec.reached], session.rules, session.owned)
 
     @classmethod
     def of(
@@ -70,9 +61,20 @@ class Contributions:
                 result.by_param.setdefault(id(p), []).append((rec, name))
         return result
 
+    def records(self) -> list[CallRecord]:
+        """The contributing calls, each once, in order of first contribution."""
+        seen: dict[int, CallRecord] = {}
+        for parts in self.by_param.values():
+            for rec, _ in parts:
+                seen.setdefault(id(rec), rec)
+        return list(seen.values())
+
 
 class ColumnResults:
     """Lazily computed, cached rule results for ``V`` vectors at each call's output.
+
+    Implements :class:`~secorder_hooks.quantities.RuleResults`: the sinks of all quantities
+    fed by one block share it, so a result two of them need is computed once.
 
     Args:
         contributions: The contributing calls.
@@ -90,6 +92,12 @@ class ColumnResults:
         self.grad_outputs = grad_outputs
         self.weights = weights
         self._cache: dict[tuple[int, str, bool], dict[str, Tensor]] = {}
+        self._combined: dict[tuple[tuple, str, bool], Tensor] = {}
+        """Results of parameters with several contributions, by their parts."""
+
+    def implements(self, module: nn.Module, method: RuleMethod) -> bool:
+        """Whether the rule of ``module`` implements ``method``."""
+        return implements(self.contributions.rules[module], method)
 
     def _call(self, rec: CallRecord, method: str, per_example: bool = False) -> dict[str, Tensor]:
         key = (id(rec), method, per_example)
@@ -109,6 +117,15 @@ class ColumnResults:
 
     def per_example_grads(self, parts: Sequence[tuple[CallRecord, str]]) -> Tensor:
         """``[V, N, *p]``: per-example gradients summed over all contributing calls."""
+        if len(parts) == 1:
+            rec, name = parts[0]
+            return self._call(rec, "per_example_grads")[name]
+        key = (_parts_key(parts), "per_example_grads", False)
+        if key not in self._combined:
+            self._combined[key] = self._summed_grads(parts)
+        return self._combined[key]
+
+    def _summed_grads(self, parts: Sequence[tuple[CallRecord, str]]) -> Tensor:
         total = None
         for rec, name in parts:
             g = self._call(rec, "per_example_grads")[name]
@@ -126,40 +143,53 @@ class ColumnResults:
         if len(parts) == 1:
             rec, name = parts[0]
             return self._call(rec, "weighted_squared_sum", per_example)[name]
-        return weighted_square_reduce(self.per_example_grads(parts), self.weights, per_example)
+        key = (_parts_key(parts), "weighted_squared_sum", per_example)
+        if key not in self._combined:
+            self._combined[key] = weighted_square_reduce(self.per_example_grads(parts), self.weights, per_example)
+        return self._combined[key]
 
     def squared_norms(self, parts: Sequence[tuple[CallRecord, str]]) -> Tensor:
         """``[V, N]`` squared norm of each per-example gradient."""
         if len(parts) == 1:
             rec, name = parts[0]
             return self._call(rec, "squared_norms")[name]
-        return squared_norms(self.per_example_grads(parts))
+        key = (_parts_key(parts), "squared_norms", False)
+        if key not in self._combined:
+            self._combined[key] = squared_norms(self.per_example_grads(parts))
+        return self._combined[key]
 
 
-def assemble_first_order(session: Session, contributions: Contributions, into: PassValues) -> None:
-    r"""Put the requested first-order quantities of this pass of every contributing parameter ``into``.
+@dataclass
+class PassState:
+    """The engine's :class:`~secorder_hooks.quantities.PassContext` for one quantity in one backward pass.
 
-    ``Variance`` gets this pass's :math:`\sum_n g_n^2`; the accumulation computes it from
-    the sums (:mod:`secorder_hooks.engine.accumulate`).
-
-    Args:
-        session: The active session (quantities, parameters).
-        contributions: The contributing calls, with gradients captured in the backward pass.
-        into: The values of this pass.
+    Attributes:
+        contributions: The contributing calls.
+        params: Parameter id -> parameter.
+        param_names: Parameter id -> name.
+        batch_size: Number of examples of the pass.
+        replayer: Feeds a sink the quantity's columns again (``None``: not available).
     """
-    wanted = {type(q) for q in session.quantities}
-    if not wanted & {BatchGrad, SumGradSquared, BatchL2Grad, Variance}:
-        return
-    results = ColumnResults(contributions, CallRecord.grad_output)
-    for key, parts in contributions.by_param.items():
-        if BatchGrad in wanted:
-            into.put(key, BatchGrad, results.per_example_grads(parts)[0])
-        if wanted & {SumGradSquared, Variance}:
-            sum_sq = results.weighted_squared_sum(parts, per_example=False)
-            for q in wanted & {SumGradSquared, Variance}:
-                into.put(key, q, sum_sq)
-        if BatchL2Grad in wanted:
-            into.put(key, BatchL2Grad, results.squared_norms(parts)[0])
+
+    contributions: Contributions
+    params: Mapping[int, Tensor]
+    param_names: Mapping[int, str]
+    batch_size: int
+    replayer: Callable[[Sink, int | None], None] | None = None
+
+    def replay(self, sink: Sink, chunk_size: int | None = None) -> None:
+        """Feed ``sink`` the quantity's columns once more, at most ``chunk_size`` per block."""
+        if self.replayer is None:
+            raise ExtensionError("this computation cannot replay a quantity's columns (a second stage of its sink).")
+        self.replayer(sink, chunk_size)
+
+    def implements(self, module: nn.Module, method: RuleMethod) -> bool:
+        """Whether the rule of ``module`` implements ``method``."""
+        return implements(self.contributions.rules[module], method)
+
+
+def _parts_key(parts: Sequence[tuple[CallRecord, str]]) -> tuple:
+    return tuple((id(rec), name) for rec, name in parts)
 
 
 def pass_examples(contributions: Contributions) -> int:

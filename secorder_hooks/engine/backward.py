@@ -16,35 +16,79 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from secorder_hooks.engine.accumulate import PassValues, Window
-from secorder_hooks.engine.assemble import Contributions, assemble_first_order, pass_examples
+from secorder_hooks.engine.assemble import Contributions, pass_examples
 from secorder_hooks.engine.broadcast import check_batch_axes
+from secorder_hooks.engine.curvature import CurvaturePlan
+from secorder_hooks.engine.dispatch import compute_quantities
 from secorder_hooks.engine.graph import (
     REENTRANT_CHECKPOINT_ADVICE,
     iter_nodes,
     reached_parameters,
     reentrant_checkpoint,
 )
-from secorder_hooks.engine.kronecker import assemble_empirical_kronecker
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
 from secorder_hooks.engine.residuals import internal_nodes
-from secorder_hooks.engine.sync import synchronize
+from secorder_hooks.engine.session import Session
+from secorder_hooks.engine.sync import Shards, scaled_loss_call, synchronize
 from secorder_hooks.errors import ExtensionError, SecorderError
-from secorder_hooks.quantities import KroneckerQuantity, Order, Variance
-from secorder_hooks.rules.generic import GenericRule, example_count
+from secorder_hooks.quantities import Accumulation, Columns
+from secorder_hooks.rules.generic import GenericRule
+from secorder_hooks.rules.layout import example_count
 
-if TYPE_CHECKING:
-    from secorder_hooks.engine.curvature import CurvaturePlan
-    from secorder_hooks.engine.session import Session
-    from secorder_hooks.engine.sync import Shards
+__all__ = ["tensor_backward", "autograd_backward", "run_backward"]
 
-__all__ = ["run_backward"]
+
+def autograd_backward(
+    session: Session,
+    tensors: Tensor | Sequence[Tensor],
+    grad_tensors: Tensor | Sequence[Tensor | None] | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    grad_variables: Any = None,
+    inputs: Any = None,
+) -> None:
+    """Replacement of ``torch.autograd.backward`` while the context is active: as ``tensors.backward()``.
+
+    Raises:
+        ExtensionError: Several tensors: the engine computes the quantities of one loss.
+    """
+    tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+    if grad_variables is not None:
+        grad_tensors = grad_variables
+    grads = (grad_tensors,) if grad_tensors is None or isinstance(grad_tensors, Tensor) else tuple(grad_tensors)
+    if len(tensors) != 1 or len(grads) != 1:
+        raise ExtensionError(
+            f"torch.autograd.backward() inside extend() got {len(tensors)} tensors; the engine computes the "
+            "quantities of one loss. Add the losses into one tensor and call loss.backward()."
+        )
+    tensor_backward(session, tensors[0], grads[0], retain_graph, create_graph, inputs)
+
+
+def tensor_backward(
+    session: Session,
+    tensor: Tensor,
+    gradient: Tensor | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: Any = None,
+) -> None:
+    """Replacement of ``Tensor.backward`` while the context is active."""
+    if session.in_backward:
+        raise ExtensionError("loss.backward() was called re-entrantly inside the engine's own backward pass.")
+    session.in_backward = True
+    try:
+        run_backward(session, tensor, gradient, retain_graph, create_graph, inputs)
+    finally:
+        session.in_backward = False
+        session.records.capturing = False
 
 
 def run_backward(
@@ -56,8 +100,6 @@ def run_backward(
     inputs: Any,
 ) -> None:
     """Run ``loss.backward(...)`` and compute the session's quantities."""
-    from secorder_hooks.engine.curvature import CurvaturePlan
-
     if retain_graph is None:
         retain_graph = create_graph
     params = session.params
@@ -75,8 +117,8 @@ def run_backward(
 
     _check_examples(session)
     check_batch_mixing(session, loss)
-    second_order = [q for q in session.quantities if q.order is Order.SECOND]
-    plan = CurvaturePlan.build(session, loss) if second_order else None
+    curvature = any(session.needs_of(q).columns is not Columns.GRADIENT for q in session.quantities)
+    plan = CurvaturePlan.build(session, loss) if curvature else None
     window = Window.open(session)
     shards = _start_shards(session, loss, create_graph)
 
@@ -89,7 +131,7 @@ def run_backward(
     # parameter tell what this pass reached and its own gradients.
     before = {key: (p.grad, p.grad._version if p.grad is not None else 0) for key, p in params.items()}
     param_grads: dict[int, Tensor] = {}
-    wants_grads = any(isinstance(q, Variance) for q in session.quantities) and not session.options.accumulate
+    wants_grads = _has_variance(session) and not session.options.accumulate
     handles = [
         p.register_hook(_store_into(param_grads, key))
         for key, p in params.items()
@@ -111,7 +153,7 @@ def run_backward(
             session.records.capturing = False
             for handle in handles:
                 handle.remove()
-        check_batch_axes(session, loss, [rec for rec in session.records if rec.reached])
+        check_batch_axes(loss, [rec for rec in session.records if rec.reached])
         _quantities(session, plan, window, shards, misuse_fired, before, param_grads, retain_graph, create_graph)
     except BaseException:
         window.abandon()  # .grad may have changed: what the parameters hold would no longer match it
@@ -144,17 +186,17 @@ def _quantities(
             f"module '{recomputed[0].name}' has a parametrized tensor and runs inside activation checkpointing with "
             f"use_reentrant=True. {REENTRANT_CHECKPOINT_ADVICE}"
         )
-    contributions = Contributions.collect(session)
+    contributions = Contributions.of([rec for rec in session.records if rec.reached], session.rules, session.owned)
     ddp = session.ddp is not None
     reached = list(param_grads) if ddp else _reached(params, before)
-    kronecker = any(isinstance(q, KroneckerQuantity) for q in session.quantities)
+    kronecker = any(q.accumulation is Accumulation.KRONECKER for q in session.quantities)
     if shards is not None and kronecker and window.continued():
         raise ExtensionError(
             "Kronecker factors over several backward passes (an accumulation) cannot be combined across processes: "
             "the input factor's mean over the passes needs every pass's global number of examples. Call "
             "zero_grad() before each backward pass inside extend(), or pass accumulate=False."
         )
-    if (ddp or shards is not None) and any(isinstance(q, Variance) for q in session.quantities) and window.continued():
+    if (ddp or shards is not None) and _has_variance(session) and window.continued():
         raise ExtensionError(
             "Variance over several backward passes (an accumulation) cannot be combined under "
             "DistributedDataParallel or across processes: .grad is not the sum of the global batch's per-example "
@@ -180,10 +222,7 @@ def _quantities(
     session.records.paused = True
     try:
         with torch.set_grad_enabled(create_graph):
-            assemble_first_order(session, contributions, values)
-            assemble_empirical_kronecker(session, contributions, values)
-            if plan is not None:
-                plan.run(contributions, values)
+            compute_quantities(session, contributions, plan, values)
             if shards is not None:
                 param_grads = synchronize(session, shards, values, param_grads)
             window.commit(values, param_grads)
@@ -191,6 +230,11 @@ def _quantities(
         session.records.paused = False
         if not retain_graph:
             session.reset_pass()
+
+
+def _has_variance(session: Session) -> bool:
+    """Whether a quantity accumulates as a variance, which needs this pass's own parameter gradients."""
+    return any(q.accumulation is Accumulation.VARIANCE for q in session.quantities)
 
 
 def _check_examples(session: Session) -> None:
@@ -244,9 +288,6 @@ def _start_shards(session: Session, loss: Tensor, create_graph: bool) -> Shards 
     """Launch the all-reduce of the shard's counts when the session synchronizes across processes."""
     if session.sync_group is None or not session.quantities:
         return None
-    from secorder_hooks.engine.sync import Shards, scaled_loss_call
-    from secorder_hooks.rules.generic import example_count
-
     if create_graph:
         raise ExtensionError(
             "loss.backward(create_graph=True) inside extend(..., sync=...): the all-reduce across processes is not "

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,13 +38,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils._pytree import tree_flatten, tree_map
 
 from secorder_hooks.engine.graph import iter_nodes
-from secorder_hooks.engine.records import CallInputs, CallRecord
+from secorder_hooks.engine.records import CallInputs, CallRecord, RecordStore
 from secorder_hooks.errors import UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, weighted_square_reduce
-from secorder_hooks.rules.generic import BatchLayout, batch_layout_for
-
-if TYPE_CHECKING:
-    from secorder_hooks.engine.session import Session
+from secorder_hooks.rules.layout import BatchLayout, batch_layout_for, example_count
 
 __all__ = [
     "BROADCASTING",
@@ -129,23 +126,24 @@ def root_batch_size(model: nn.Module, args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def watch(session: Session, rec: CallRecord, output: object) -> None:
+def watch(watched: dict[int, Watched], rec: CallRecord, output: object) -> None:
     """Note the output of a one-output call of a forward pass with a known batch, for :func:`expand_watched`."""
     if rec.batch_size is None or len(rec.output_shapes) != 1:
         return
     tensor = output if isinstance(output, Tensor) else tree_flatten(output)[0][rec.inputs.differentiable_outputs[0]]
     if tensor.grad_fn is not None:
-        session.watched[id(tensor)] = Watched(rec)
+        watched[id(tensor)] = Watched(rec)
 
 
-def expand_watched(session: Session, func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def expand_watched(
+    watched: dict[int, Watched], records: RecordStore, func: Callable[..., Any], args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
     """``args``/``kwargs`` with recorded outputs that ``func`` broadcasts over the examples expanded to ``N`` rows.
 
     An output is expanded where the operation's result has the ``N`` examples on dim 0
     while the output has fewer dims (a call without batch axis) or one row (a call on
     one row shared by all examples). ``func`` is one of :data:`BROADCASTING`.
     """
-    watched = session.watched
     hits = [
         (i, entry)
         for i, x in (*enumerate(args), *kwargs.items())
@@ -170,7 +168,7 @@ def expand_watched(session: Session, func: Callable[..., Any], args: tuple, kwar
             continue
         if not (x.dim() < len(target) or (x.shape[0] == 1 and n > 1)):
             continue
-        expanded = _expand(session, entry, x, len(target))
+        expanded = _expand(records, entry, x, len(target))
         if expanded is None:
             continue
         if isinstance(i, int):
@@ -196,7 +194,7 @@ def _expansion_shape(func: Callable[..., Any], args: tuple, kwargs: dict) -> tor
     return torch.Size(tensor.shape[i - offset] if s == -1 and i >= offset else s for i, s in enumerate(shape))
 
 
-def _expand(session: Session, entry: Watched, tensor: Tensor, dims: int) -> Tensor | None:
+def _expand(records: RecordStore, entry: Watched, tensor: Tensor, dims: int) -> Tensor | None:
     """The expansion of a recorded output to ``[N, ...]`` with ``dims`` dims, rebinding its record once."""
     rec = entry.record
     n = rec.batch_size
@@ -216,7 +214,7 @@ def _expand(session: Session, entry: Watched, tensor: Tensor, dims: int) -> Tens
     nodes = {expanded.grad_fn}
     if row is not tensor:
         nodes.add(row.grad_fn)
-    session.records.rebind(rec, expanded, Replica(n, inputs, row_shape, frozenset(nodes)))
+    records.rebind(rec, expanded, Replica(n, inputs, row_shape, frozenset(nodes)))
     return expanded
 
 
@@ -251,8 +249,6 @@ def _unsqueezed(rec: CallRecord) -> CallInputs | None:
 
 def _rows(rec: CallRecord) -> int | None:
     """Rows of a record along its module's example axis (``None`` for 0-dim outputs)."""
-    from secorder_hooks.rules.generic import example_count
-
     if any(len(s) == 0 for s in rec.output_shapes):
         return None
     try:
@@ -311,11 +307,10 @@ def replica_own_term(rule: LayerRule, rec: CallRecord, g: Tensor, per_example: b
 
 
 # ----------------------------------------------------------------------------- the check
-def check_batch_axes(session: Session, loss: Tensor, records: Sequence[CallRecord]) -> None:
+def check_batch_axes(loss: Tensor, records: Sequence[CallRecord]) -> None:
     """Raise for a reached call whose rows are not the examples and that was not made exact.
 
     Args:
-        session: The active session.
         loss: The tensor being differentiated.
         records: The calls the ordinary backward pass reached.
 
@@ -337,7 +332,7 @@ def check_batch_axes(session: Session, loss: Tensor, records: Sequence[CallRecor
                 "must index the examples. For a single example pass x.unsqueeze(0) (a batch of one)."
             )
         if rows != rec.batch_size:
-            raise UnsupportedModuleError(_message(session, rec, rows))
+            raise UnsupportedModuleError(_message(rec, rows))
     if not replicas:
         return
     expansions = set().union(*(rec.replica.nodes for rec in replicas.values()))
@@ -348,7 +343,7 @@ def check_batch_axes(session: Session, loss: Tensor, records: Sequence[CallRecor
             rec = replicas.get((child, nr)) if child is not None else None
             if rec is not None:
                 raise UnsupportedModuleError(
-                    _message(session, rec, rec.replica.row_shape[0])
+                    _message(rec, rec.replica.row_shape[0])
                     + f" Its output also reaches the loss through {type(node).__name__}, not only broadcast over the "
                     "examples: use it only in broadcasting operations (e.g. `x + out`) or expand it to the batch "
                     "first (`out.expand(N, ...)`)."
@@ -367,7 +362,7 @@ def _unbatched(rec: CallRecord) -> bool:
     return False
 
 
-def _message(session: Session, rec: CallRecord, rows: int | None) -> str:
+def _message(rec: CallRecord, rows: int | None) -> str:
     shapes = [tuple(x.shape) for x in tree_flatten((tuple(rec.inputs), rec.inputs.kwargs))[0] if isinstance(x, Tensor)]
     return (
         f"{type(rec.module).__name__} '{rec.name}' was called with inputs of shapes {shapes} and returned "

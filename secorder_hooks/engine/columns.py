@@ -22,7 +22,7 @@ columns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +30,17 @@ from torch import Tensor, nn
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node
 
+from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name
 from secorder_hooks.engine.graph import leaf_variable, only_input
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
-from secorder_hooks.rules.base import LayerRule
+from secorder_hooks.errors import ExtensionError
+from secorder_hooks.quantities import Sink
+from secorder_hooks.quantities.diagonals import Diagonals
+from secorder_hooks.rules.base import LayerRule, weighted_square_reduce
 
-__all__ = ["ColumnBlock", "Chain", "MAX_NODE_CALLS", "backprop_columns", "find_chain"]
+__all__ = ["ColumnBlock", "Chain", "MAX_NODE_CALLS", "backprop_columns", "column_pass", "find_chain"]
 
 ColumnBlock = dict[int, tuple[Tensor, ...]]
 """Record id -> the ``[V, N, *out_i]`` vectors at each differentiable output of the call."""
@@ -120,6 +124,52 @@ def backprop_columns(
             position += 1
         result[id(rec)] = tuple(outputs)
     return result
+
+
+def column_pass(
+    contributions: Contributions,
+    sources: Sequence,
+    blocks: Iterable[tuple[Sequence[Tensor], Tensor | None]],
+    targets: Sequence[CallRecord],
+    *sinks: Sink,
+    units: Tensor | None = None,
+) -> None:
+    r"""Backpropagate column blocks and feed the rule results of each to every sink.
+
+    Args:
+        contributions: The contributing calls and their rules.
+        sources: Gradient edges the columns start at.
+        blocks: ``(columns per source [V, *source], weights [V, U] or None)`` chunks.
+        targets: The records the columns can reach.
+        sinks: Where to accumulate (:class:`~secorder_hooks.quantities.Sink`; only summed
+            :class:`~secorder_hooks.quantities.diagonals.Diagonals` if ``units`` is given).
+        units: ``[N]`` unit of each example: the per-example gradients are summed over
+            each unit before squaring (:math:`\sum_v w_{vu} (\sum_{n \in u} g^{(v)}_n)^2`);
+            ``None``: the units are the examples.
+    """
+    reached = {id(rec) for rec in targets}
+    params = [(key, parts) for key, parts in contributions.by_param.items() if any(id(r) in reached for r, _ in parts)]
+    chain = find_chain(sources, targets, contributions.rules)  # the graph is the same for every block
+    for columns, weights in blocks:
+        block = backprop_columns(sources, columns, targets, chain)
+        v = columns[0].shape[0]
+
+        def grad_outputs(rec: CallRecord, block=block, v=v) -> Tensor | tuple[Tensor, ...]:
+            outs = block.get(id(rec)) or tuple(rec.zeros_like_output(i, (v,)) for i in range(len(rec.output_edges)))
+            return outs[0] if len(outs) == 1 else outs
+
+        results = ColumnResults(contributions, grad_outputs, weights)
+        for sink in sinks:
+            if units is None:
+                sink.accumulate(results, params)
+                continue
+            if not isinstance(sink, Diagonals) or sink.per_example:
+                raise ExtensionError("column_pass: rows coupling examples are supported for total diagonals only.")
+            for key, parts in params:
+                g = results.per_example_grads(parts)  # [V, N, *p]
+                zeros = g.new_zeros(g.shape[0], int(units.max()) + 1, *g.shape[2:])
+                summed = zeros.index_add_(1, units.to(g.device), g)
+                sink.add(key, weighted_square_reduce(summed, weights, per_example=False))
 
 
 def find_chain(

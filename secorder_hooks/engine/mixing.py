@@ -40,7 +40,7 @@ from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.rows import row_map
 from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.errors import UnsupportedOperationError
-from secorder_hooks.rules.generic import batch_layout_for
+from secorder_hooks.rules.layout import batch_layout_for
 
 __all__ = ["BATCH_NORMS", "suspicious_nodes", "mixes_examples", "mixing_error", "LEAK_TOLERANCE"]
 

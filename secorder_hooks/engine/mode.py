@@ -16,17 +16,16 @@ as a :class:`torch.overrides.TorchFunctionMode`. It
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from secorder_hooks.engine.backward import autograd_backward, tensor_backward
 from secorder_hooks.engine.broadcast import BROADCASTING, expand_watched
+from secorder_hooks.engine.session import Session
 from secorder_hooks.losses.calls import LOSS_FUNCTIONS, make_loss_call
-
-if TYPE_CHECKING:
-    from secorder_hooks.engine.session import Session
 
 __all__ = ["EngineMode"]
 
@@ -43,12 +42,12 @@ class EngineMode(TorchFunctionMode):
         if self.session.suspended:
             return func(*args, **kwargs)
         if func is Tensor.backward:
-            return self.session.backward(*args, **kwargs)
+            return tensor_backward(self.session, *args, **kwargs)
         if func is torch.autograd.backward:
-            return self.session.autograd_backward(*args, **kwargs)
+            return autograd_backward(self.session, *args, **kwargs)
         session = self.session
         if func in BROADCASTING and session.watched and not session.records.paused:
-            args, kwargs = expand_watched(session, func, args, kwargs)
+            args, kwargs = expand_watched(session.watched, session.records, func, args, kwargs)
         result = func(*args, **kwargs)  # the operation itself: its errors reach the caller unchanged
         if func in LOSS_FUNCTIONS:
             if isinstance(result, Tensor) and result.grad_fn is not None:  # not under no_grad(): no backward follows

@@ -43,7 +43,7 @@ from secorder_hooks.engine.graph import leaf_variable, only_input, saved_int
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.losses.base import SqrtColumns
-from secorder_hooks.rules.generic import batch_layout_for
+from secorder_hooks.rules.layout import batch_layout_for
 
 __all__ = ["RowMap", "row_map", "split_columns"]
 

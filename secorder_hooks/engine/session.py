@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -16,16 +17,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
 from secorder_hooks.engine.broadcast import Watched, root_batch_size, watch
-from secorder_hooks.engine.kronecker import check_kronecker_support
-from secorder_hooks.engine.mode import EngineMode
 from secorder_hooks.engine.options import EngineOptions
 from secorder_hooks.engine.records import GraphOwned, RecordStore
-from secorder_hooks.engine.sync import SyncOption, ddp_of, sync_group
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.losses.calls import LossCall
-from secorder_hooks.quantities import Quantity
-from secorder_hooks.rules.base import LayerRule, rule_for
-from secorder_hooks.rules.generic import rule_parameters
+from secorder_hooks.quantities import Needs, Quantity
+from secorder_hooks.rules.base import LayerRule, implements, rule_parameters
+from secorder_hooks.rules.lookup import rule_for
 from secorder_hooks.rules.reparametrized import (
     Form,
     Reparametrization,
@@ -66,12 +64,18 @@ class Session:
         model: The model whose trainable parameters receive the quantities.
         quantities: The quantities to compute in each backward pass.
         options: Engine options (chunking of curvature columns).
-        sync: Whether and over which process group to synchronize the quantities
-            (:data:`~secorder_hooks.engine.sync.SyncOption`).
+        ddp: The model if it is a ``DistributedDataParallel`` (``engine.sync.ddp_of``).
+        sync_group: The process group to synchronize the quantities over, or ``None``
+            (``engine.sync.sync_group``).
     """
 
     def __init__(
-        self, model: nn.Module, quantities: Sequence[Quantity], options: EngineOptions, sync: SyncOption = None
+        self,
+        model: nn.Module,
+        quantities: Sequence[Quantity],
+        options: EngineOptions,
+        ddp: nn.Module | None = None,
+        sync_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
@@ -83,10 +87,11 @@ class Session:
             raise ValueError(f"extend() got the same quantity twice: {list(quantities)}.")
         self.model = model
         self.quantities = tuple(quantities)
+        self._needs = {id(q): q.needs for q in self.quantities}  # asked once: quantities are immutable
         self.options = options
-        self.ddp = ddp_of(model)
+        self.ddp = ddp
         """The model if it is a ``DistributedDataParallel`` (its ``.grad`` are averaged over processes)."""
-        self.sync_group = sync_group(model, sync)
+        self.sync_group = sync_group
         """The process group the quantities are synchronized over, or ``None``."""
         self.params: dict[int, nn.Parameter] = {}
         self.owners: dict[int, list[nn.Module]] = {}
@@ -119,7 +124,7 @@ class Session:
                 f"extend() got a model ({type(model).__name__}) without trainable parameters; "
                 "there is nothing to compute. Check requires_grad of its parameters."
             )
-        check_kronecker_support(self)
+        self._check_rule_methods()
         self.records = RecordStore()
         # Owned by the graphs of the forward passes (see GraphOwned): an evaluation forward with
         # gradients enabled, never backpropagated, leaves nothing behind once its tensors are dropped.
@@ -132,13 +137,13 @@ class Session:
         (see engine.broadcast); emptied when the call returns."""
         self._active: Counter[int] = Counter()
         self._handles: list[RemovableHandle] = []
-        self._mode: EngineMode | None = EngineMode(self)
-        self._in_backward = False
+        self.in_backward = False
+        """Whether the engine's backward pass is running (a re-entrant ``loss.backward()`` raises)."""
         self.suspended = False  # while set (isolated()), nothing is recorded and the mode passes calls through
 
     # ----------------------------------------------------------------- lifetime
     def open(self) -> None:
-        """Register the hooks and push the torch-function mode.
+        """Register the hooks and mark the session active (the caller pushes its torch-function mode).
 
         Raises:
             ExtensionError: Another ``extend()`` context is active: a backward pass is
@@ -173,7 +178,7 @@ class Session:
                         self._handles.append(module.parametrizations[rp.name].register_forward_hook(hook))
             self._handles.append(self.model.register_forward_pre_hook(self._enter_root, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._record_root, always_call=True))
-            self._mode.__enter__()
+            _open_sessions().append(self)
         except BaseException:
             self.close()
             raise
@@ -183,14 +188,27 @@ class Session:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._mode is not None and torch.overrides._get_current_function_mode_stack().count(self._mode):
-            self._mode.__exit__(None, None, None)
-        # Break the cycle session -> mode -> session: the session is then freed by reference counting
-        # on exit and a training loop leaves no work for the garbage collector, whose full collections
-        # cost about 0.1 ms per step on small models.
-        self._mode = None
+        opened = _open_sessions()
+        if self in opened:
+            opened.remove(self)
         self.reset_pass()
         self._active.clear()
+
+    def needs_of(self, quantity: Quantity) -> Needs:
+        """What ``quantity`` (one of the session's) needs, as it said when ``extend()`` started."""
+        return self._needs[id(quantity)]
+
+    def _check_rule_methods(self) -> None:
+        """Raise before any forward pass if a quantity needs a rule method a covered module's rule lacks.
+
+        Raises:
+            UnsupportedModuleError: With the quantity's message naming the module and the remedy.
+        """
+        for q in self.quantities:
+            for method in self.needs_of(q).rule_methods:
+                for module, rule in self.rules.items():
+                    if not implements(rule, method):
+                        raise UnsupportedModuleError(q.missing_rule(method, self.module_names[module], module))
 
     def reset_pass(self) -> None:
         """Forget what the forward passes since the last backward recorded."""
@@ -239,7 +257,7 @@ class Session:
                     count = self.records.pending_count
                     replaced = self.records.record(module, name, args, kwargs, output, effective, self.batch_size)
                     if self.batch_size is not None and self.records.pending_count > count:
-                        watch(self, self.records.last, output if replaced is None else replaced)
+                        watch(self.watched, self.records.last, output if replaced is None else replaced)
                     return replaced
             return None
 
@@ -283,60 +301,21 @@ class Session:
                 if unowned and result.grad_fn is not None:
                     self.misused.add(Misuse(self.param_names[id(a)], result.grad_fn), result.grad_fn)
 
-    # ----------------------------------------------------------------- backward
-    def autograd_backward(
-        self,
-        tensors: Tensor | Sequence[Tensor],
-        grad_tensors: Tensor | Sequence[Tensor | None] | None = None,
-        retain_graph: bool | None = None,
-        create_graph: bool = False,
-        grad_variables: Any = None,
-        inputs: Any = None,
-    ) -> None:
-        """Replacement of ``torch.autograd.backward`` while the context is active: as ``tensors.backward()``.
 
-        Raises:
-            ExtensionError: Several tensors: the engine computes the quantities of one loss.
-        """
-        tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
-        if grad_variables is not None:
-            grad_tensors = grad_variables
-        grads = (grad_tensors,) if grad_tensors is None or isinstance(grad_tensors, Tensor) else tuple(grad_tensors)
-        if len(tensors) != 1 or len(grads) != 1:
-            raise ExtensionError(
-                f"torch.autograd.backward() inside extend() got {len(tensors)} tensors; the engine computes the "
-                "quantities of one loss. Add the losses into one tensor and call loss.backward()."
-            )
-        self.backward(tensors[0], grads[0], retain_graph, create_graph, inputs)
+_THREAD = threading.local()
 
-    def backward(
-        self,
-        tensor: Tensor,
-        gradient: Tensor | None = None,
-        retain_graph: bool | None = None,
-        create_graph: bool = False,
-        inputs: Any = None,
-    ) -> None:
-        """Replacement of ``Tensor.backward`` while the context is active."""
-        from secorder_hooks.engine.backward import run_backward
 
-        if self._in_backward:
-            raise ExtensionError("loss.backward() was called re-entrantly inside the engine's own backward pass.")
-        self._in_backward = True
-        try:
-            run_backward(self, tensor, gradient, retain_graph, create_graph, inputs)
-        finally:
-            self._in_backward = False
-            self.records.capturing = False
+def _open_sessions() -> list[Session]:
+    """The sessions opened and not yet closed in this thread, innermost last (as the mode stack, per thread)."""
+    opened = getattr(_THREAD, "sessions", None)
+    if opened is None:
+        opened = _THREAD.sessions = []
+    return opened
 
 
 def active_sessions() -> list[Session]:
-    """The sessions of the active, not suspended ``extend()`` contexts, innermost last."""
-    return [
-        mode.session
-        for mode in torch.overrides._get_current_function_mode_stack()
-        if isinstance(mode, EngineMode) and not mode.session.suspended
-    ]
+    """The sessions of the active, not suspended ``extend()`` contexts of this thread, innermost last."""
+    return [session for session in _open_sessions() if not session.suspended]
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.losses.calls import LossCall, averaged_terms
-from secorder_hooks.quantities import Accumulation, KroneckerFactors, KroneckerQuantity, Quantity, ShardScaling
+from secorder_hooks.quantities import Accumulation, KroneckerFactors, Quantity, ShardScaling
 
 if torch.distributed.is_available():
     from torch.distributed import ProcessGroup
@@ -266,7 +266,7 @@ def synchronize(session: Session, shards: Shards, values: PassValues, grads: dic
         ExtensionError: A requested quantity does not declare its ``shard_scaling`` (:class:`~secorder_hooks.EKFAC`).
     """
     for q in session.quantities:
-        if isinstance(q, KroneckerQuantity) and q.shard_scaling is None:
+        if q.accumulation is Accumulation.KRONECKER and q.shard_scaling is None:
             raise ExtensionError(
                 f"{type(q).__name__} cannot be synchronized across processes: its eigenbases are those of the "
                 "global batch's Kronecker factors, which exist only after an all-reduce, and its corrected "

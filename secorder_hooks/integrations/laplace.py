@@ -49,7 +49,7 @@ from secorder_hooks.quantities import (
     SumGradSquared,
     WeightSharing,
 )
-from secorder_hooks.rules.base import rule_for
+from secorder_hooks.rules import rule_for
 
 try:
     from laplace.curvature import EFInterface, GGNInterface

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from secorder_hooks.engine.graph import saved_int
 from secorder_hooks.errors import UnsupportedLossError
 from secorder_hooks.losses.base import LossInputError, LossTerm, Reduction, SqrtColumns, edge_of, signed_sqrt
 
@@ -252,7 +251,8 @@ def _log_softmax_edge(log_probs: Tensor, name: str) -> GradientEdge | None:
             f"log_softmax over the class axis (found {found}). Use F.cross_entropy on the logits, or "
             f"apply log_softmax(dim=1) immediately before {name}."
         )
-    dim = saved_int(node, "_saved_dim")
+    raw = node._saved_dim  # a negative dim is saved as an unsigned 64-bit value
+    dim = raw - 2**64 if raw >= 2**63 else raw
     if dim % log_probs.dim() != 1:
         raise UnsupportedLossError(
             f"{name}: log_softmax was taken over dim {dim} of a {log_probs.dim()}-d input, but the classes "

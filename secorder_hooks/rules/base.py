@@ -25,15 +25,16 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from secorder_hooks.quantities import WeightSharing
+from secorder_hooks.quantities import RuleMethod, WeightSharing
 
 __all__ = [
     "LayerRule",
     "FunctionRule",
     "register_rule",
-    "rule_for",
     "registered_rule",
     "trainable_parameters",
+    "rule_parameters",
+    "implements",
     "square_sum",
     "squared_norms",
     "weighted_square_reduce",
@@ -56,6 +57,24 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
             seen.add(id(p))
             own[name] = p
     return own
+
+
+def rule_parameters(rule: LayerRule, module: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters ``rule`` computes quantities of for ``module``, by name relative to it.
+
+    ``rule.parameters(module)`` where the rule defines it (a
+    :class:`~secorder_hooks.rules.generic.GenericRule` with ``children``), else the
+    module's own trainable parameters.
+    """
+    covered = getattr(rule, "parameters", None)
+    return covered(module) if callable(covered) else trainable_parameters(module)
+
+
+def implements(rule: LayerRule, method: RuleMethod) -> bool:
+    """Whether ``rule`` implements ``method``: the methods with defaults always, the Kronecker ones if overridden."""
+    if method is RuleMethod.KRONECKER:
+        return type(rule).kronecker_input is not LayerRule.kronecker_input
+    return True
 
 
 class LayerRule:
@@ -336,17 +355,3 @@ def registered_rule(module: nn.Module) -> LayerRule | None:
         if cls in _RULES:
             return _RULES[cls]
     return None
-
-
-def rule_for(module: nn.Module) -> LayerRule:
-    """The registered rule for ``module``, or the generic torch.func fallback.
-
-    For a module with reparametrized tensors (``torch.nn.utils.parametrizations``, the
-    deprecated weight-norm hook), that rule wrapped in a
-    :class:`~secorder_hooks.rules.reparametrized.ReparametrizedRule`, which maps its
-    quantities of the effective tensors to the trainable originals.
-    """
-    from secorder_hooks.rules.generic import GENERIC_RULE
-    from secorder_hooks.rules.reparametrized import wrap_reparametrized
-
-    return wrap_reparametrized(module, registered_rule(module) or GENERIC_RULE)

@@ -21,8 +21,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
 from secorder_hooks.engine.records import CallInputs
-from secorder_hooks.rules.base import LayerRule, ParamDict, rule_for
-from secorder_hooks.rules.generic import batch_layout_for, rule_parameters
+from secorder_hooks.rules.base import LayerRule, ParamDict, rule_parameters
+from secorder_hooks.rules.layout import batch_layout_for
+from secorder_hooks.rules.lookup import rule_for
 
 __all__ = ["check_rule"]
 

@@ -7,16 +7,12 @@ of a vector :math:`g` at the output is :math:`\partial (g_n^\top \mathrm{out}_n)
 \partial\theta`, computed with :func:`torch.func.vjp` and vectorized over examples with
 :func:`torch.func.vmap` (or a loop where the module's operators have no batching rule).
 
-Where the example axis is comes from a :class:`BatchLayout`, looked up along the class MRO
-like the rules. The default puts examples on dim 0 of every output and of every input
-tensor whose dim 0 has ``N`` entries; other inputs (a shared mask, a table) are passed
-unchanged to every example. :class:`torch.nn.MultiheadAttention` and the recurrent
-modules, whose example axis is 1 unless ``batch_first``, have layouts registered below.
+Where the example axis is comes from a :class:`~secorder_hooks.rules.layout.BatchLayout`
+(:mod:`secorder_hooks.rules.layout`), looked up along the class MRO like the rules.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -25,190 +21,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
 from secorder_hooks._warnings import onednn_disabled, vmap_fallbacks_allowed
-from secorder_hooks.errors import UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, register_rule, trainable_parameters
+from secorder_hooks.rules.layout import BatchLayout, batch_layout_for, call_kwargs, output_indices
 from secorder_hooks.rules.reparametrized import frozen_tensors, reparametrizations
 
-__all__ = [
-    "BatchLayout",
-    "GenericRule",
-    "GENERIC_RULE",
-    "batch_layout_for",
-    "example_count",
-    "register_batch_layout",
-    "rule_parameters",
-]
+__all__ = ["GenericRule", "GENERIC_RULE"]
 
 Outputs = tuple[Tensor, ...]
-
-
-# ----------------------------------------------------------------------------- layouts
-class BatchLayout:
-    """Where the example axis of one module type's calls is.
-
-    The default: dim 0 of every differentiable output, and dim 0 of every input tensor
-    (positional or keyword, nested in tuples/lists/dicts) whose dim 0 has ``N`` entries.
-
-    Attributes:
-        vectorize: Whether examples may be processed with :func:`torch.func.vmap`. Set it
-            to ``False`` for modules whose operators lack batching rules (examples are then
-            processed one by one, each as a batch of one).
-    """
-
-    vectorize: bool = True
-
-    def output_axes(self, module: nn.Module, inputs: Sequence[Any]) -> tuple[int, ...]:
-        """Example axis of each differentiable output (aligned with ``inputs.differentiable_outputs``)."""
-        return (0,) * len(_output_indices(inputs))
-
-    def input_axes(self, module: nn.Module, inputs: Sequence[Any], n: int) -> tuple[tuple, dict]:
-        """Example axis (int) or ``None`` (shared) for each positional and keyword argument.
-
-        Each entry may be a prefix pytree (one axis for a whole tuple of tensors);
-        non-tensor leaves are always shared.
-        """
-
-        def axis(x: Any) -> int | None:
-            return 0 if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n else None
-
-        args = tuple(_map_leaves(axis, a) for a in inputs)
-        return args, {k: _map_leaves(axis, v) for k, v in _kwargs(inputs).items()}
-
-    def example_count(self, module: nn.Module, inputs: Sequence[Any], output_shapes: Sequence[torch.Size]) -> int:
-        """Number of examples ``N`` of a call whose differentiable outputs have ``output_shapes``."""
-        return output_shapes[0][self.output_axes(module, inputs)[0]]
-
-
-_LAYOUTS: dict[type[nn.Module], BatchLayout] = {}
-_DEFAULT_LAYOUT = BatchLayout()
-L = TypeVar("L", BatchLayout, type[BatchLayout])
-
-
-def register_batch_layout(module_class: type[nn.Module]) -> Callable[[L], L]:
-    """Decorator registering a :class:`BatchLayout` (class or instance) for ``module_class`` and subclasses."""
-
-    def decorator(layout: L) -> L:
-        _LAYOUTS[module_class] = layout() if isinstance(layout, type) else layout
-        return layout
-
-    return decorator
-
-
-def batch_layout_for(module: nn.Module) -> BatchLayout:
-    """The layout registered for ``type(module)`` or its nearest base class, else the default."""
-    for cls in type(module).__mro__:
-        if cls in _LAYOUTS:
-            return _LAYOUTS[cls]
-    return _DEFAULT_LAYOUT
-
-
-def example_count(module: nn.Module, inputs: Sequence[Any], output_shapes: Sequence[torch.Size]) -> int:
-    """Number of examples of a recorded call, read along the module's example axis."""
-    return batch_layout_for(module).example_count(module, inputs, output_shapes)
-
-
-def rule_parameters(rule: LayerRule, module: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable parameters ``rule`` computes quantities of for ``module``, by name relative to it.
-
-    ``rule.parameters(module)`` where the rule defines it (a :class:`GenericRule` with
-    ``children``), else the module's own trainable parameters.
-    """
-    covered = getattr(rule, "parameters", None)
-    return covered(module) if callable(covered) else trainable_parameters(module)
-
-
-def _axes_by_name(module: nn.Module, inputs: Sequence[Any], axes: dict[str, Any]) -> tuple[tuple, dict]:
-    """Per-argument axes from a map ``forward`` parameter name -> axis (missing names are shared)."""
-    names = list(inspect.signature(module.forward).parameters)
-    args = tuple(axes.get(names[i]) if i < len(names) else None for i in range(len(inputs)))
-    return args, {k: axes.get(k) for k in _kwargs(inputs)}
-
-
-def _argument(module: nn.Module, inputs: Sequence[Any], name: str) -> Any:
-    names = list(inspect.signature(module.forward).parameters)
-    position = names.index(name)
-    return inputs[position] if position < len(inputs) else _kwargs(inputs).get(name)
-
-
-@register_batch_layout(nn.MultiheadAttention)
-class MultiheadAttentionLayout(BatchLayout):
-    """Query/key/value ``[L, N, E]`` (``[N, L, E]`` if ``batch_first``); weights ``[N, (H,) L, S]``."""
-
-    def _sequence_axis(self, module: nn.Module, inputs: Sequence[Any]) -> int:
-        query = _argument(module, inputs, "query")
-        if query.dim() != 3:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__} called with unbatched {query.dim()}-D query: per-example quantities "
-                "need a batch axis. Pass [N, L, E] (batch_first=True) or [L, N, E]."
-            )
-        mask = _argument(module, inputs, "attn_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 3 and module.num_heads > 1:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__} called with a 3-D attn_mask [N*num_heads, L, S]; the generic rule "
-                "supports a shared 2-D attn_mask [L, S] or key_padding_mask [N, S]."
-            )
-        return 0 if module.batch_first else 1
-
-    def output_axes(self, module: nn.Module, inputs: Sequence[Any]) -> tuple[int, ...]:
-        seq = self._sequence_axis(module, inputs)
-        return tuple(seq if i == 0 else 0 for i in _output_indices(inputs))
-
-    def input_axes(self, module: nn.Module, inputs: Sequence[Any], n: int) -> tuple[tuple, dict]:
-        seq = self._sequence_axis(module, inputs)
-        return _axes_by_name(module, inputs, {"query": seq, "key": seq, "value": seq, "key_padding_mask": 0})
-
-
-@register_batch_layout(nn.RNNBase)
-class RecurrentLayout(BatchLayout):
-    """Input/output ``[T, N, *]`` (``[N, T, *]`` if ``batch_first``); hidden states ``[layers, N, H]``."""
-
-    vectorize = False  # the fused recurrent operators have no vmap batching rule
-
-    def _input_axis(self, module: nn.Module, inputs: Sequence[Any]) -> int:
-        x = inputs[0] if inputs else _kwargs(inputs).get("input")
-        if isinstance(x, PackedSequence) or not isinstance(x, Tensor) or x.dim() != 3:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__}: the generic rule needs a batched 3-D tensor input, got "
-                f"{type(x).__name__}{'' if not isinstance(x, Tensor) else f' of dim {x.dim()}'}; pad the sequences "
-                "instead of packing them."
-            )
-        return 0 if module.batch_first else 1
-
-    def output_axes(self, module: nn.Module, inputs: Sequence[Any]) -> tuple[int, ...]:
-        axis = self._input_axis(module, inputs)
-        return tuple(axis if i == 0 else 1 for i in _output_indices(inputs))
-
-    def input_axes(self, module: nn.Module, inputs: Sequence[Any], n: int) -> tuple[tuple, dict]:
-        return _axes_by_name(module, inputs, {"input": self._input_axis(module, inputs), "hx": 1})
-
-
-@register_batch_layout(nn.PReLU)
-class UnvectorizedLayout(BatchLayout):
-    """Default layout, examples processed one by one.
-
-    Nested ``vmap`` over ``prelu``'s backward returns wrong values or raises in
-    torch 2.x (examples x vectors), so :class:`torch.nn.PReLU` is not vectorized.
-    """
-
-    vectorize = False
-
-
-# ----------------------------------------------------------------------------- helpers
-def _kwargs(inputs: Sequence[Any]) -> dict:
-    return getattr(inputs, "kwargs", None) or {}
-
-
-def _output_indices(inputs: Sequence[Any], count: int = 1) -> tuple[int, ...]:
-    return tuple(getattr(inputs, "differentiable_outputs", range(count)))
-
-
-def _map_leaves(fn: Callable[[Any], Any], tree: Any) -> Any:
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([fn(x) for x in leaves], spec)
 
 
 def _as_tuple(x: Tensor | Sequence[Tensor]) -> Outputs:
@@ -234,7 +56,7 @@ class _Call:
     ) -> None:
         self.module = module
         self.layout = batch_layout_for(module)
-        self.indices = _output_indices(inputs, len(grads))
+        self.indices = output_indices(inputs, len(grads))
         self.out_axes = self.layout.output_axes(module, inputs)
         if len(self.out_axes) != len(grads):
             raise ValueError(
@@ -242,7 +64,7 @@ class _Call:
             )
         self.n = grads[0].shape[self.out_axes[0] + int(with_vector_axis)]
         args_axes, kwargs_axes = self.layout.input_axes(module, inputs, self.n)
-        self.leaves, self.spec = tree_flatten((tuple(inputs), dict(_kwargs(inputs))))
+        self.leaves, self.spec = tree_flatten((tuple(inputs), dict(call_kwargs(inputs))))
         self.leaves = [x.detach() if isinstance(x, Tensor) else x for x in self.leaves]
         axes = _broadcast_to_and_flatten((args_axes, kwargs_axes), self.spec)
         if axes is None:
@@ -366,7 +188,7 @@ class GenericRule(LayerRule):
     r"""Exact per-example quantities of any module's own parameters, the module treated as a leaf.
 
     Handles keyword arguments, several (nested) outputs, non-tensor and shared
-    arguments, and example axes other than 0 (see :class:`BatchLayout`). ``grad_output``
+    arguments, and example axes other than 0 (see :class:`~secorder_hooks.rules.layout.BatchLayout`). ``grad_output``
     is ``[V, *out]`` for each differentiable output, ``*out`` in the module's own layout
     (``[V, N, *out]`` for the default layout); a tuple of them for several outputs.
 

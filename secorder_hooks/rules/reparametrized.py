@@ -46,7 +46,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
-from secorder_hooks.rules.base import LayerRule, ParamDict, squared_norms, weighted_square_reduce
+from secorder_hooks.rules.base import LayerRule, ParamDict, rule_parameters, squared_norms, weighted_square_reduce
 
 __all__ = [
     "Form",
@@ -255,8 +255,6 @@ class ReparametrizedRule(LayerRule):
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The inner rule's parameters and the originals of every reparametrized tensor (names relative to module)."""
-        from secorder_hooks.rules.generic import rule_parameters
-
         originals = {name for rp in self.reparams for name in rp.originals}
         params = {k: p for k, p in rule_parameters(self.inner, module).items() if k not in originals}
         for rp in self.reparams:
@@ -354,9 +352,7 @@ class ReparametrizedRule(LayerRule):
         parameters (every built-in rule); the Hessian of a module handled by the generic
         rule couples the entries of :math:`W` and raises.
         """
-        from secorder_hooks.rules.generic import GenericRule
-
-        if isinstance(self.inner, GenericRule) or type(self.inner).own_hessian_term is not LayerRule.own_hessian_term:
+        if type(self.inner).own_hessian_term is not LayerRule.own_hessian_term:
             raise UnsupportedModuleError(
                 f"DiagHessian of {type(module).__name__} with a reparametrized tensor "
                 f"'{self.reparams[0].name}': its rule ({self.inner!r}) does not say that the module is affine in "

@@ -1,62 +1,86 @@
-r"""Kronecker factors: KFLR, KFAC and KFACEmpirical (:class:`~secorder_hooks.KroneckerQuantity`).
+r"""Kronecker factors and their running sums over the column blocks of one backward pass.
 
-The Kronecker quantities use the engine's column passes like the diagonals: the same
-vectors reach every recorded layer output (exact loss-Hessian square-root columns for
-KFLR, sampled ones for KFAC, the captured gradient for KFACEmpirical) and a
-:class:`KronSums` sink, next to the :class:`~secorder_hooks.engine.curvature.Diagonals`,
-accumulates per call the output factor :math:`B` of the rule
-(:meth:`~secorder_hooks.LayerRule.kronecker_output`). The input factor :math:`A`
-(:meth:`~secorder_hooks.LayerRule.kronecker_input`) needs only the recorded inputs and is
-computed once per call at the end. Both sum over the calls that contribute to a
-parameter. Parameters of layers without a Kronecker rule get their exact diagonal from the
-same columns when the quantity's ``fallback`` asks for it.
+The Kronecker quantities (:mod:`secorder_hooks.quantities.kronecker`) use the engine's
+column passes like the diagonals: the same vectors reach every recorded layer output
+(exact loss-Hessian square-root columns for KFLR, sampled ones for KFAC, the captured
+gradient for KFACEmpirical) and a :class:`KronSums` sink accumulates per call the output
+factor :math:`B` of the rule (:meth:`~secorder_hooks.LayerRule.kronecker_output`). The
+input factor :math:`A` (:meth:`~secorder_hooks.LayerRule.kronecker_input`) needs only the
+recorded inputs and is computed once per call at the end. Both sum over the calls that
+contribute to a parameter. Parameters of layers without a Kronecker rule get their exact
+diagonal from the same columns when the quantity's ``fallback`` asks for it. EK-FAC
+(:class:`EkfacSums`) then replays the columns to rotate the per-example gradients into
+the factors' eigenbases (:class:`EigenSums`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from secorder_hooks.engine.assemble import ColumnResults, Contributions
-from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
-from secorder_hooks.quantities import KFACEmpirical, KroneckerFactors, KroneckerQuantity, KronFallback
-from secorder_hooks.rules.base import LayerRule
+from secorder_hooks.quantities.base import Params, PassContext, RuleMethod, RuleResults
 
-if TYPE_CHECKING:
-    from secorder_hooks.engine.accumulate import PassValues
-    from secorder_hooks.engine.session import Session
+__all__ = ["KroneckerFactors", "WeightSharing", "KronFallback", "KronSums", "EigenSums", "EkfacSums"]
 
-__all__ = ["KronSums", "EigenSums", "has_kronecker_rule", "check_kronecker_support", "assemble_empirical_kronecker"]
-
-Params = Sequence[tuple[int, list[tuple[CallRecord, str]]]]
+Parts = Sequence[tuple[Any, str]]
 
 
-def has_kronecker_rule(rule: LayerRule) -> bool:
-    """Whether ``rule`` overrides :meth:`~secorder_hooks.LayerRule.kronecker_input`."""
-    return type(rule).kronecker_input is not LayerRule.kronecker_input
+class KronOptions(Protocol):
+    """The options of a Kronecker quantity (:class:`~secorder_hooks.KroneckerQuantity`) the sums follow."""
+
+    sharing: WeightSharing
+    separate_weight_and_bias: bool
+    fallback: KronFallback
 
 
-def check_kronecker_support(session: Session) -> None:
-    """Raise before any forward pass if a Kronecker quantity without fallback meets a module without a rule.
+class KroneckerFactors(list):
+    """The list of factors a Kronecker quantity attaches, remembering which one is a mean.
 
-    Raises:
-        UnsupportedModuleError: Naming the module and the options that avoid the error.
+    Attributes:
+        mean_index: Position of the input factor :math:`A` (a mean over examples), ``None``
+            for a bias, a fallback diagonal or EK-FAC's bases (sums only).
     """
-    for q in session.quantities:
-        if not isinstance(q, KroneckerQuantity) or q.fallback is not KronFallback.ERROR:
-            continue
-        for module, rule in session.rules.items():
-            if not has_kronecker_rule(rule):
-                name = type(q).__name__
-                raise UnsupportedModuleError(
-                    f"{name}: module '{session.module_names[module]}' ({type(module).__name__}) has trainable "
-                    f"parameters but no Kronecker rule. Pass {name}(fallback='diagonal') to attach the exact "
-                    "diagonal of their block instead, or freeze them with requires_grad_(False)."
-                )
+
+    def __init__(self, factors: list[torch.Tensor], mean_index: int | None = None) -> None:
+        super().__init__(factors)
+        self.mean_index = mean_index
+
+
+class WeightSharing(enum.Enum):
+    r"""How a Kronecker factor treats the positions ``t`` a weight is shared over.
+
+    Positions are the leading axes of a Linear layer's input ``[N, *, I]`` other than
+    dim 0, and the output locations of a convolution (its input patches). The two
+    approximations are those of Eschenhagen et al. (2023), as curvlinops defines them;
+    with :math:`a_{nt}` the input (patch) at position :math:`t` of :math:`T` and
+    :math:`g_{vnt}` column :math:`v` at the output:
+    """
+
+    EXPAND = "expand"
+    r"""Positions count as extra examples, with :math:`A = \frac{1}{NT} \sum_{n,t} a_{nt} a_{nt}^\top`,
+    :math:`B = \sum_{v,n,t} w_{vn} g_{vnt} g_{vnt}^\top`. Exact for linear models with a loss
+    term per position."""
+    REDUCE = "reduce"
+    r"""Positions are pooled first, with :math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` with
+    :math:`\bar a_n = \frac1T \sum_t a_{nt}`, :math:`B = \sum_{v,n} w_{vn} \bar g_{vn} \bar g_{vn}^\top`
+    with :math:`\bar g_{vn} = \sum_t g_{vnt}`. Exact for linear models whose positions are
+    averaged before the loss."""
+
+
+class KronFallback(enum.Enum):
+    """What a Kronecker quantity does for a parameter whose layer has no Kronecker rule."""
+
+    ERROR = "error"
+    """Raise :class:`~secorder_hooks.UnsupportedModuleError` when ``extend()`` starts."""
+    DIAGONAL = "diagonal"
+    """Attach ``[d]``: the exact diagonal ``d`` (1-D, ``p.numel()`` entries, row-major) of the
+    parameter's block of the same curvature matrix (e.g. ``diag_ggn_exact.flatten()`` for
+    :class:`KFLR`)."""
 
 
 class KronSums:
@@ -66,19 +90,19 @@ class KronSums:
         quantity: The Kronecker quantity.
     """
 
-    def __init__(self, quantity: KroneckerQuantity) -> None:
+    def __init__(self, quantity: KronOptions) -> None:
         self.quantity = quantity
         self.outputs: dict[int, Tensor] = {}
         """Record id -> running :math:`B` (``[G, O, O]``)."""
         self.diagonals: dict[int, Tensor] = {}
         """Parameter id -> running exact diagonal (fallback parameters)."""
 
-    def accumulate(self, results: ColumnResults, params: Params) -> None:
+    def accumulate(self, results: RuleResults, params: Params) -> None:
         """Add the output factors (and fallback diagonals) of one block of vectors."""
         rules = results.contributions.rules
         done: set[int] = set()
         for key, parts in params:
-            if not all(has_kronecker_rule(rules[rec.module]) for rec, _ in parts):
+            if not all(results.implements(rec.module, RuleMethod.KRONECKER) for rec, _ in parts):
                 value = results.weighted_squared_sum(parts, per_example=False)
                 self.diagonals[key] = value if key not in self.diagonals else self.diagonals[key] + value
                 continue
@@ -92,17 +116,19 @@ class KronSums:
                 prev = self.outputs.get(id(rec))
                 self.outputs[id(rec)] = b if prev is None else prev + b
 
-    def factors(self, session: Session, contributions: Contributions) -> dict[int, list[Tensor]]:
+    def factors(self, context: PassContext) -> dict[int, KroneckerFactors]:
         """Parameter id -> its factors (``[d]`` for a fallback diagonal; a folded bias has none)."""
         q = self.quantity
         inputs: dict[int, Tensor] = {}
         result: dict[int, list[Tensor]] = {}
+        contributions = context.contributions
         for key, parts in contributions.by_param.items():
-            p = session.params[key]
-            if key in self.diagonals or not all(has_kronecker_rule(contributions.rules[r.module]) for r, _ in parts):
-                if q.fallback is KronFallback.ERROR:  # check_kronecker_support raised already
+            p = context.params[key]
+            kron = all(context.implements(r.module, RuleMethod.KRONECKER) for r, _ in parts)
+            if key in self.diagonals or not kron:
+                if q.fallback is KronFallback.ERROR:  # extend() raised already (Needs.rule_methods)
                     raise UnsupportedModuleError(
-                        f"{type(q).__name__}: parameter '{session.param_names[key]}' has no Kronecker rule."
+                        f"{type(q).__name__}: parameter '{context.param_names[key]}' has no Kronecker rule."
                     )
                 diag = self.diagonals.get(key)
                 result[key] = KroneckerFactors([p.new_zeros(p.numel()) if diag is None else diag.flatten()])
@@ -112,13 +138,12 @@ class KronSums:
                 result[key] = factors
         return result
 
-    def put(self, session: Session, contributions: Contributions, into: PassValues) -> None:
-        """Put the factors of every contributing parameter ``into`` this pass's values."""
-        for key, factors in self.factors(session, contributions).items():
-            into.put(key, type(self.quantity), factors)
+    def finish(self, context: PassContext) -> Mapping[int, KroneckerFactors]:
+        """The factors of every contributing parameter."""
+        return self.factors(context)
 
     def _factors(
-        self, contributions: Contributions, key: int, parts: list[tuple[CallRecord, str]], inputs: dict[int, Tensor]
+        self, contributions: Any, key: int, parts: Parts, inputs: dict[int, Tensor]
     ) -> KroneckerFactors | None:
         """``[B, A]`` (weight) or ``[B]`` (bias) summed over ``parts``; ``None`` for a bias folded into its weight."""
         q = self.quantity
@@ -163,15 +188,6 @@ class KronSums:
         return KroneckerFactors(factors, mean_index=1)
 
 
-def assemble_empirical_kronecker(session: Session, contributions: Contributions, into: PassValues) -> None:
-    """:class:`~secorder_hooks.KFACEmpirical` from the gradients captured in the ordinary backward pass."""
-    for q in session.quantities:
-        if isinstance(q, KFACEmpirical):
-            sums = KronSums(q)
-            sums.accumulate(ColumnResults(contributions, CallRecord.grad_output), list(contributions.by_param.items()))
-            sums.put(session, contributions, into)
-
-
 class EigenSums:
     r"""The corrected diagonals :math:`S = \sum_{v,n} w_{vn} (Q_{out}^\top G_{vn} Q_{in})^{\odot 2}` of EK-FAC.
 
@@ -181,14 +197,12 @@ class EigenSums:
         quantity: The EK-FAC quantity (its options say whether the bias is folded in).
     """
 
-    def __init__(
-        self, factors: dict[int, list[Tensor]], contributions: Contributions, quantity: KroneckerQuantity
-    ) -> None:
+    def __init__(self, factors: Mapping[int, list[torch.Tensor]], contributions: Any, quantity: KronOptions) -> None:
         self.quantity = quantity
         self.bases: dict[int, list[Tensor]] = {}
         self.input_first: dict[int, bool] = {}
         self.sums: dict[int, Tensor] = {}
-        self.fallback: dict[int, list[Tensor]] = {}
+        self.fallback: dict[int, KroneckerFactors] = {}
         for key, fs in factors.items():
             if fs[0].dim() == 1:  # a fallback diagonal stays as it is
                 self.fallback[key] = fs
@@ -197,7 +211,7 @@ class EigenSums:
             self.input_first[key] = contributions.rules[rec.module].kronecker_input_first
             self.bases[key] = [torch.linalg.eigh(f).eigenvectors for f in fs]
 
-    def accumulate(self, results: ColumnResults, params: Params) -> None:
+    def accumulate(self, results: RuleResults, params: Params) -> None:
         """Add the squared per-example gradients of one block of vectors, rotated into the eigenbases."""
         for key, parts in params:
             if key not in self.bases:
@@ -213,9 +227,7 @@ class EigenSums:
             total = squares.sum((0, 1))
             self.sums[key] = total if key not in self.sums else self.sums[key] + total
 
-    def _rotated_weight(
-        self, key: int, grads: Tensor, parts: list[tuple[CallRecord, str]], results: ColumnResults
-    ) -> Tensor:
+    def _rotated_weight(self, key: int, grads: Tensor, parts: Parts, results: RuleResults) -> Tensor:
         """``Q_out^T G Q_in`` of weight gradients ``[V, N, *p]``: ``[V, N, (G,) O, I']``, a folded bias last."""
         first, second = self.bases[key]
         if self.input_first[key]:  # rows index the input: [V, N, E, D]
@@ -232,13 +244,34 @@ class EigenSums:
         rotated = q_out.mT @ matrix @ q_in
         return rotated if grouped else rotated[:, :, 0]
 
-    def put(self, into: PassValues) -> None:
-        """Put ``[*eigenbases, S]`` (or a fallback diagonal) of every parameter ``into`` this pass's values."""
-        kind = type(self.quantity)
-        for key, fs in self.fallback.items():
-            into.put(key, kind, fs)
+    def finish(self, context: PassContext) -> Mapping[int, KroneckerFactors]:
+        """``[*eigenbases, S]`` (or a fallback diagonal) of every parameter."""
+        result: dict[int, KroneckerFactors] = dict(self.fallback)
         for key, bases in self.bases.items():
             total = self.sums.get(key)
             if total is None:
                 total = bases[0].new_zeros(*bases[0].shape[:-2], *(b.shape[-1] for b in bases))
-            into.put(key, kind, KroneckerFactors([*bases, total]))
+            result[key] = KroneckerFactors([*bases, total])
+        return result
+
+
+class EkfacSums:
+    """The sink of EK-FAC: :class:`KronSums` of the columns, then a replay of them into :class:`EigenSums`.
+
+    Args:
+        quantity: The EK-FAC quantity (its options).
+    """
+
+    def __init__(self, quantity: KronOptions) -> None:
+        self.quantity = quantity
+        self.kron = KronSums(quantity)
+
+    def accumulate(self, results: RuleResults, params: Params) -> None:
+        """Add the output factors of one block of vectors."""
+        self.kron.accumulate(results, params)
+
+    def finish(self, context: PassContext) -> Mapping[int, KroneckerFactors]:
+        """Eigenbases of the factors, and the corrected diagonals of a second pass of the columns."""
+        eigen = EigenSums(self.kron.factors(context), context.contributions, self.quantity)
+        context.replay(eigen, chunk_size=1)
+        return eigen.finish(context)
