@@ -120,6 +120,8 @@ def root_batch_size(model: nn.Module, args: tuple, kwargs: dict) -> int | None:
     """
     if type(batch_layout_for(model)).output_axes is not BatchLayout.output_axes:
         return None
+    if args and isinstance(args[0], Tensor):  # the first leaf, without flattening the call
+        return args[0].shape[0] if args[0].dim() > 0 else None
     for leaf in tree_flatten((args, kwargs))[0]:
         if isinstance(leaf, Tensor):
             return leaf.shape[0] if leaf.dim() > 0 else None

@@ -81,6 +81,7 @@ _ALONG_DIMS = frozenset(
 """Statistics along saved ``dim`` s: they mix examples when the dims include dim 0."""
 
 _CANDIDATES = BATCH_NORMS | _FULL_REDUCTIONS | _ALONG_DIMS
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 LEAK_TOLERANCE = 1e-6
 """Relative size of a probe's products on the other examples above which examples count as mixed
@@ -156,7 +157,8 @@ def suspicious_nodes(root: Node | None, stop: Node | None = None) -> dict[Node, 
             if why is not None:
                 found[node] = why
         for child, _ in node.next_functions:
-            if child is not None and child not in seen:
+            # parameters' AccumulateGrad nodes (a third of the graph of an MLP) are leaves and never mix
+            if child is not None and type(child) is not _ACCUMULATE_GRAD and child not in seen:
                 seen.add(child)
                 stack.append(child)
     return found
