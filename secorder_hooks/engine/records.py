@@ -112,6 +112,10 @@ class CallInputs(tuple):
         return obj
 
 
+_RELEASED = CallInputs((), {}, ())
+"""The inputs of a released record (shared: nothing modifies them)."""
+
+
 @dataclass(eq=False)
 class CallRecord:
     """One call of a module whose parameters the engine differentiates.
@@ -152,7 +156,7 @@ class CallRecord:
 
     def release(self) -> None:
         """Drop the recorded tensors (the output hooks may outlive the record)."""
-        self.inputs = CallInputs((), {}, ())
+        self.inputs = _RELEASED
         self.replica = self.original_edge = None
         self.output_edges, self.grads = [], [None] * len(self.grads)
 
