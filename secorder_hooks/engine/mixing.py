@@ -108,11 +108,13 @@ def _covers_dim0(node: Node) -> bool:
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
     if len(dims) == 0:  # sum(dim=()) reduces over everything
         return True
-    ndim = _ndim(node)
+    ndim: int | None = -1  # read only for a negative dim (the common dims are positive)
     for d in dims:
         d = int(d)
         if d >= 2**63:  # saved as unsigned
             d -= 2**64
+        if d < 0 and ndim == -1:
+            ndim = _ndim(node)
         if d == 0 or (d < 0 and (ndim is None or d % ndim == 0)):
             return True
     return False
