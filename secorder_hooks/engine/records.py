@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, Node
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
@@ -252,7 +252,7 @@ class RecordStore:
 
     def seal(self, output: Tensor) -> None:
         """End a forward pass of the model whose output is ``output`` (with a ``grad_fn``)."""
-        edge = torch.autograd.graph.get_gradient_edge(output)
+        edge = get_gradient_edge(output)
         forward = ForwardPass(self._pending, edge, output.shape)
         self._pending = []
         self.passes.add(forward, edge.node)
@@ -301,6 +301,8 @@ class RecordStore:
             if replaced:
                 output = output.clone()
             flat, spec, indices, outputs = None, None, (0,), [output]
+            edges = [get_gradient_edge(output)]
+            shapes, kinds = [output.shape], [(output.dtype, output.device)]
         else:
             flat, spec = tree_flatten(output)
             indices = tuple(i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad)
@@ -311,19 +313,21 @@ class RecordStore:
                 if flat[i]._is_view():
                     flat[i], replaced = flat[i].clone(), True
             outputs = [flat[i] for i in indices]
+            edges = [get_gradient_edge(t) for t in outputs]
+            shapes, kinds = [t.shape for t in outputs], [(t.dtype, t.device) for t in outputs]
         rec = CallRecord(
             module,
             name,
             CallInputs(args, kwargs, indices, effective),
-            [torch.autograd.graph.get_gradient_edge(t) for t in outputs],
-            [t.shape for t in outputs],
-            [(t.dtype, t.device) for t in outputs],
+            edges,
+            shapes,
+            kinds,
             [None] * len(outputs),
             self._capturing,
             batch_size,
         )
         ref = weakref.ref(rec)
-        for i, edge in enumerate(rec.output_edges):
+        for i, edge in enumerate(edges):
             edge.node.register_prehook(self._capture(ref, i, edge.output_nr))
         self._pending.append(rec)
         if not replaced:
@@ -338,7 +342,7 @@ class RecordStore:
             expanded: The output expanded to ``N`` rows (a differentiable function of it).
             replica: The :class:`~secorder_hooks.engine.broadcast.Replica` describing the call.
         """
-        edge = torch.autograd.graph.get_gradient_edge(expanded)
+        edge = get_gradient_edge(expanded)
         rec.original_edge = (rec.output_edges[0].node, rec.output_edges[0].output_nr)
         rec.output_edges = [edge]
         rec.output_shapes = [expanded.shape]
