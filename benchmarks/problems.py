@@ -9,6 +9,8 @@ Problems:
     A: MLP 784-512-256-10, ReLU, CrossEntropyLoss(mean), N=128.
     B: CNN on 3x32x32, N=64, two Conv-ReLU-MaxPool stages, Linear(2048, 10), CrossEntropyLoss(mean).
     C: MLP 784-256-256-10, Sigmoid, MSELoss(mean) on 10-d targets, N=128.
+    small: MLP 64-64-64-64-10 (four Linear layers), ReLU, CrossEntropyLoss(mean), N=8: so little
+        arithmetic (``T0`` about 0.3 ms) that the table shows the engine's fixed cost per step.
     resnet: torchvision-style residual CNN (BatchNorm in eval mode, ``ReLU(inplace=True)``,
         ``out += identity``) on 3x32x32, N=32, CrossEntropyLoss(mean).
     transformer: one pre-norm transformer block (LayerNorm, ``nn.MultiheadAttention`` with
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Problem", "ProblemName", "make_problem", "STANDARD", "ALL", "num_params"]
+__all__ = ["Problem", "ProblemName", "make_problem", "STANDARD", "OVERHEAD", "ALL", "num_params"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -42,6 +44,7 @@ class ProblemName(enum.Enum):
     A = "A"
     B = "B"
     C = "C"
+    SMALL = "small"
     RESNET = "resnet"
     TRANSFORMER = "transformer"
     GPT2 = "gpt2"
@@ -49,9 +52,12 @@ class ProblemName(enum.Enum):
 
 
 STANDARD = (ProblemName.A, ProblemName.B, ProblemName.C)
+OVERHEAD = ProblemName.SMALL
+"""The problem whose time is mostly the engine's fixed cost per step (issue 12), in the table beside A, B, C."""
 REAL_MODELS = (ProblemName.GPT2, ProblemName.RESNET18)
 """Problems built from other libraries' models (optional packages); not in the default run."""
-ALL = tuple(name for name in ProblemName if name not in REAL_MODELS)
+ALL = tuple(name for name in ProblemName if name not in REAL_MODELS and name is not OVERHEAD)
+"""The default problems of ``compare.py`` (``small`` is a table row; ``--problems small`` compares peers on it)."""
 
 
 @dataclass
@@ -252,6 +258,8 @@ def make_problem(name: ProblemName | str, dtype: torch.dtype = torch.float32, se
         model, x = _cnn_b(), torch.randn(64, 3, 32, 32)
     elif name == ProblemName.C:
         model, x = _mlp((784, 256, 256, classes), nn.Sigmoid), torch.randn(128, 784)
+    elif name == ProblemName.SMALL:
+        model, x = _mlp((64, 64, 64, 64, classes), nn.ReLU), torch.randn(8, 64)
     elif name == ProblemName.RESNET:
         model, x = SmallResNet(classes=classes), torch.randn(32, 3, 32, 32)
     elif name == ProblemName.TRANSFORMER:

@@ -22,7 +22,7 @@ import secorder_hooks
 from secorder_hooks import BatchGrad, BatchL2Grad, SumGradSquared, UnsupportedModuleError, Variance
 from secorder_hooks.rules import linear as linear_rules
 from secorder_hooks.rules import rule_for
-from secorder_hooks.rules.base import ACCUMULATE_VECTORS, square_sum, trainable_parameters
+from secorder_hooks.rules.base import ACCUMULATE_VECTORS, BULK_ELEMENTS, square_sum, trainable_parameters
 from secorder_hooks.rules.conv import ConvRule
 from secorder_hooks.rules.embedding import EmbeddingRule
 from secorder_hooks.rules.linear import LinearRule, NormStrategy, outer_sum_squared_norms, outer_sums
@@ -407,9 +407,10 @@ def test_outer_sum_squared_norm_strategies(strategy: NormStrategy, t: int, o: in
 
 @pytest.mark.parametrize("v", [0, 1, 3, ACCUMULATE_VECTORS, ACCUMULATE_VECTORS + 1])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_square_sum_accumulated_and_vectorized(v, weighted):
+@pytest.mark.parametrize("width", [2, BULK_ELEMENTS], ids=["in-cache", "large"])
+def test_square_sum_accumulated_and_vectorized(v, weighted, width):
     """Both paths of square_sum (one vector at a time, or all squared at once) give sum_v w_vn g_vn^2."""
-    g = torch.randn(v, N, 3, 2, dtype=DT)
+    g = torch.randn(v, N, 3, width, dtype=DT)
     weights = torch.randn(v, N, dtype=DT) if weighted else None
     expected = (g.square() * (1 if weights is None else weights[:, :, None, None])).sum(0)
     torch.testing.assert_close(square_sum(g, weights), expected)

@@ -120,6 +120,8 @@ def root_batch_size(model: nn.Module, args: tuple, kwargs: dict) -> int | None:
     """
     if type(batch_layout_for(model)).output_axes is not BatchLayout.output_axes:
         return None
+    if args and isinstance(args[0], Tensor):  # the first leaf, without flattening the call
+        return args[0].shape[0] if args[0].dim() > 0 else None
     for leaf in tree_flatten((args, kwargs))[0]:
         if isinstance(leaf, Tensor):
             return leaf.shape[0] if leaf.dim() > 0 else None
@@ -251,6 +253,10 @@ def _rows(rec: CallRecord) -> int | None:
     """Rows of a record along its module's example axis (``None`` for 0-dim outputs)."""
     if any(len(s) == 0 for s in rec.output_shapes):
         return None
+    layout = type(batch_layout_for(rec.module))
+    default = layout.example_count is BatchLayout.example_count and layout.output_axes is BatchLayout.output_axes
+    if default and rec.output_shapes and rec.inputs.differentiable_outputs:
+        return rec.output_shapes[0][0]  # the default layout (most modules): dim 0 of the first output
     try:
         return example_count(rec.module, rec.inputs, rec.output_shapes)
     except (UnsupportedModuleError, IndexError):

@@ -81,6 +81,7 @@ _ALONG_DIMS = frozenset(
 """Statistics along saved ``dim`` s: they mix examples when the dims include dim 0."""
 
 _CANDIDATES = BATCH_NORMS | _FULL_REDUCTIONS | _ALONG_DIMS
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 LEAK_TOLERANCE = 1e-6
 """Relative size of a probe's products on the other examples above which examples count as mixed
@@ -107,11 +108,13 @@ def _covers_dim0(node: Node) -> bool:
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
     if len(dims) == 0:  # sum(dim=()) reduces over everything
         return True
-    ndim = _ndim(node)
+    ndim: int | None = -1  # read only for a negative dim (the common dims are positive)
     for d in dims:
         d = int(d)
         if d >= 2**63:  # saved as unsigned
             d -= 2**64
+        if d < 0 and ndim == -1:
+            ndim = _ndim(node)
         if d == 0 or (d < 0 and (ndim is None or d % ndim == 0)):
             return True
     return False
@@ -156,7 +159,8 @@ def suspicious_nodes(root: Node | None, stop: Node | None = None) -> dict[Node, 
             if why is not None:
                 found[node] = why
         for child, _ in node.next_functions:
-            if child is not None and child not in seen:
+            # parameters' AccumulateGrad nodes (a third of the graph of an MLP) are leaves and never mix
+            if child is not None and type(child) is not _ACCUMULATE_GRAD and child not in seen:
                 seen.add(child)
                 stack.append(child)
     return found

@@ -38,23 +38,24 @@ class EngineMode(TorchFunctionMode):
         self.session = session
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if self.session.suspended:
+        # Runs for every torch call while the context is active (tensor attribute reads included):
+        # the common case, an operation without a watched output or a parameter of the session among
+        # its arguments, is a few set lookups and one scan of the arguments.
+        session = self.session
+        if kwargs is None:
+            kwargs = {}
+        if session.suspended:
             return func(*args, **kwargs)
         if func is Tensor.backward:
-            return tensor_backward(self.session, *args, **kwargs)
+            return tensor_backward(session, *args, **kwargs)
         if func is torch.autograd.backward:
-            return autograd_backward(self.session, *args, **kwargs)
-        session = self.session
+            return autograd_backward(session, *args, **kwargs)
         if func in BROADCASTING and session.watched and not session.records.paused:
             args, kwargs = expand_watched(session.watched, session.records, func, args, kwargs)
         result = func(*args, **kwargs)  # the operation itself: its errors reach the caller unchanged
         if func in LOSS_FUNCTIONS:
             if isinstance(result, Tensor) and result.grad_fn is not None:  # not under no_grad(): no backward follows
-                self.session.add_loss_call(make_loss_call(func, args, kwargs, result))
+                session.add_loss_call(make_loss_call(func, args, kwargs, result))
         elif torch.is_grad_enabled():
-            # composite functions may return several tensors (e.g. F.multi_head_attention_forward)
-            for out in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(out, Tensor) and out.requires_grad:
-                    self.session.check_parameter_use(args, kwargs, out)
+            session.check_parameter_use(args, kwargs, result)
         return result

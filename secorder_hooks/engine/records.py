@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, Node
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
@@ -48,11 +48,17 @@ class GraphOwned(Generic[T]):
         handle = node.register_prehook(_holder(obj))
         entries[key] = (weakref.ref(obj, lambda _, key=key: entries.pop(key, None)), handle)
 
-    def __iter__(self) -> Iterator[T]:
-        for ref, _ in list(self._entries.values()):
+    def alive(self) -> list[T]:
+        """The objects still alive, in the order they were added."""
+        found = []
+        for ref, _ in list(self._entries.values()):  # a garbage collection may free entries meanwhile
             obj = ref()
             if obj is not None:
-                yield obj
+                found.append(obj)
+        return found
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.alive())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -106,6 +112,10 @@ class CallInputs(tuple):
         return obj
 
 
+_RELEASED = CallInputs((), {}, ())
+"""The inputs of a released record (shared: nothing modifies them)."""
+
+
 @dataclass(eq=False)
 class CallRecord:
     """One call of a module whose parameters the engine differentiates.
@@ -146,7 +156,7 @@ class CallRecord:
 
     def release(self) -> None:
         """Drop the recorded tensors (the output hooks may outlive the record)."""
-        self.inputs = CallInputs((), {}, ())
+        self.inputs = _RELEASED
         self.replica = self.original_edge = None
         self.output_edges, self.grads = [], [None] * len(self.grads)
 
@@ -222,21 +232,27 @@ class RecordStore:
     @capturing.setter
     def capturing(self, value: bool) -> None:
         if value and not self._capturing:
-            for rec in self:
+            for rec in self.all():
                 rec.grads = [None] * len(rec.grads)
         self._capturing = value
 
+    def all(self) -> list[CallRecord]:
+        """The records of the live forward passes (in the order the passes were sealed), then the pending ones."""
+        records = []
+        for forward in self.passes.alive():
+            records += forward.records
+        records += self._pending
+        return records
+
     def __iter__(self) -> Iterator[CallRecord]:
-        for forward in self.passes:
-            yield from forward.records
-        yield from list(self._pending)
+        return iter(self.all())
 
     def __len__(self) -> int:
-        return len(self._pending) + sum(len(forward.records) for forward in self.passes)
+        return len(self.all())
 
     def seal(self, output: Tensor) -> None:
         """End a forward pass of the model whose output is ``output`` (with a ``grad_fn``)."""
-        edge = torch.autograd.graph.get_gradient_edge(output)
+        edge = get_gradient_edge(output)
         forward = ForwardPass(self._pending, edge, output.shape)
         self._pending = []
         self.passes.add(forward, edge.node)
@@ -253,7 +269,7 @@ class RecordStore:
 
     def clear(self) -> None:
         """Drop every record, releasing the tensors it holds even if a hook still refers to it."""
-        for rec in self:
+        for rec in self.all():
             rec.release()
         self._pending = []
         self.passes.clear()
@@ -281,34 +297,42 @@ class RecordStore:
         if type(output) is Tensor:  # the common case, without the pytree round trip
             if not output.requires_grad:
                 return None
-            flat, spec, indices = [output], None, (0,)
+            replaced = output._is_view()
+            if replaced:
+                output = output.clone()
+            flat, spec, indices, outputs = None, None, (0,), [output]
+            edges = [get_gradient_edge(output)]
+            shapes, kinds = [output.shape], [(output.dtype, output.device)]
         else:
             flat, spec = tree_flatten(output)
             indices = tuple(i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad)
             if not indices:
                 return None
-        replaced = False
-        for i in indices:
-            if flat[i]._is_view():
-                flat[i], replaced = flat[i].clone(), True
-        outputs = [flat[i] for i in indices]
+            replaced = False
+            for i in indices:
+                if flat[i]._is_view():
+                    flat[i], replaced = flat[i].clone(), True
+            outputs = [flat[i] for i in indices]
+            edges = [get_gradient_edge(t) for t in outputs]
+            shapes, kinds = [t.shape for t in outputs], [(t.dtype, t.device) for t in outputs]
         rec = CallRecord(
-            module=module,
-            name=name,
-            inputs=CallInputs(args, kwargs, indices, effective),
-            output_edges=[torch.autograd.graph.get_gradient_edge(t) for t in outputs],
-            output_shapes=[t.shape for t in outputs],
-            output_kinds=[(t.dtype, t.device) for t in outputs],
-            grads=[None] * len(outputs),
-            during_backward=self.capturing,
-            batch_size=batch_size,
+            module,
+            name,
+            CallInputs(args, kwargs, indices, effective),
+            edges,
+            shapes,
+            kinds,
+            [None] * len(outputs),
+            self._capturing,
+            batch_size,
         )
-        for i, edge in enumerate(rec.output_edges):
-            edge.node.register_prehook(self._capture(weakref.ref(rec), i, edge.output_nr))
+        ref = weakref.ref(rec)
+        for i, edge in enumerate(edges):
+            edge.node.register_prehook(self._capture(ref, i, edge.output_nr))
         self._pending.append(rec)
         if not replaced:
             return None
-        return flat[0] if spec is None else tree_unflatten(flat, spec)
+        return output if spec is None else tree_unflatten(flat, spec)
 
     def rebind(self, rec: CallRecord, expanded: Tensor, replica: Any) -> None:
         """Capture the gradients of a one-output call at ``expanded`` instead of its output.
@@ -318,7 +342,7 @@ class RecordStore:
             expanded: The output expanded to ``N`` rows (a differentiable function of it).
             replica: The :class:`~secorder_hooks.engine.broadcast.Replica` describing the call.
         """
-        edge = torch.autograd.graph.get_gradient_edge(expanded)
+        edge = get_gradient_edge(expanded)
         rec.original_edge = (rec.output_edges[0].node, rec.output_edges[0].output_nr)
         rec.output_edges = [edge]
         rec.output_shapes = [expanded.shape]

@@ -272,13 +272,15 @@ class Session:
         return hook
 
     def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.batch_size = root_batch_size(module, args, kwargs)
+        with torch._C.DisableTorchFunction():
+            self.batch_size = root_batch_size(module, args, kwargs)
 
     def _record_root(self, module: nn.Module, args: tuple, output: object) -> None:
         self.batch_size = None
         self.watched.clear()  # broadcasts happen inside the model call
-        if isinstance(output, Tensor) and output.grad_fn is not None and not self.suspended:
-            self.records.seal(output)
+        with torch._C.DisableTorchFunction():
+            if isinstance(output, Tensor) and output.grad_fn is not None and not self.suspended:
+                self.records.seal(output)
 
     def _check_batchnorm(self, module: nn.Module, args: tuple, output: object) -> None:
         if module.training and torch.is_grad_enabled() and not self.records.paused and not self.suspended:
@@ -288,18 +290,33 @@ class Session:
                 "Call model.eval() (uses running statistics) or replace it with nn.GroupNorm."
             )
 
-    def check_parameter_use(self, args: tuple, kwargs: dict, result: Tensor) -> None:
+    def check_parameter_use(self, args: tuple, kwargs: dict, result: object) -> None:
         """Note trainable parameters used while none of their owning modules runs.
 
-        The result is kept so the backward pass can tell whether the loss depends on it.
+        ``result`` is what the operation returned (composite functions may return several
+        tensors, e.g. ``F.multi_head_attention_forward``). The node of each differentiable
+        result is kept so the backward pass can tell whether the loss depends on it.
         """
-        owners = self.owners
+        owners, active = self.owners, self._active
+        unowned = None
         for arg in (*args, *kwargs.values()) if kwargs else args:
             # a dict lookup by id first: the session holds its parameters, so a hit is one of them
             for a in arg if isinstance(arg, (list, tuple)) else (arg,):
-                unowned = id(a) in owners and not any(self._active[id(m)] > 0 for m in owners[id(a)])
-                if unowned and result.grad_fn is not None:
-                    self.misused.add(Misuse(self.param_names[id(a)], result.grad_fn), result.grad_fn)
+                modules = owners.get(id(a))
+                if modules is None:
+                    continue
+                for m in modules:
+                    if active.get(id(m), 0) > 0:
+                        break
+                else:
+                    unowned = [*(unowned or ()), id(a)]
+        if unowned is None:  # the common case: no parameter, or one used inside its module
+            return
+        for out in result if isinstance(result, (tuple, list)) else (result,):
+            node = out.grad_fn if isinstance(out, Tensor) else None
+            if node is not None:
+                for key in unowned:
+                    self.misused.add(Misuse(self.param_names[key], node), node)
 
 
 _THREAD = threading.local()

@@ -26,8 +26,10 @@ from secorder_hooks.quantities import Accumulation, KroneckerFactors, Quantity, 
 
 if torch.distributed.is_available():
     from torch.distributed import ProcessGroup
+    from torch.nn.parallel import DistributedDataParallel
 else:  # builds without torch.distributed: nothing can be synchronized
     ProcessGroup = object
+    DistributedDataParallel = None
 
 if TYPE_CHECKING:
     from secorder_hooks.engine.accumulate import PassValues
@@ -51,10 +53,8 @@ _CONSTANT_FACTORS = frozenset({"MulBackward0", "DivBackward0"})
 
 def ddp_of(model: nn.Module) -> nn.Module | None:
     """``model`` if it is a ``torch.nn.parallel.DistributedDataParallel``, else ``None``."""
-    if not torch.distributed.is_available():
+    if DistributedDataParallel is None:
         return None
-    from torch.nn.parallel import DistributedDataParallel
-
     return model if isinstance(model, DistributedDataParallel) else None
 
 

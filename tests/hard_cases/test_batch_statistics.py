@@ -33,11 +33,14 @@ class Mixing(nn.Module):
             h = torch.softmax(h, 0)
         elif self.mix == "std0":
             h = h / h.std(0, keepdim=True)
+        elif self.mix == "centering_negative_dim":  # dim -2 of [N, 5] is dim 0
+            h = h - h.mean(-2, keepdim=True)
         return self.l2(torch.tanh(h))
 
 
 MIXES = {"batch_norm": "NativeBatchNormBackward0", "centering": "MeanBackward1", "softmax0": "SoftmaxBackward0"}
 MIXES["std0"] = "StdBackward0"
+MIXES["centering_negative_dim"] = "MeanBackward1"
 
 
 @pytest.mark.parametrize("quantity", [BatchGrad(), SumGradSquared(), DiagGGNExact(), DiagHessian()], ids=str)
