@@ -8,7 +8,6 @@ from secorder_hooks.approximations import (
     generalized_fisher_trace,
 )
 from secorder_hooks.core import (
-    FallbackWarning,
     get_layer_curvature_stats,
     hessian_diagonal,
     model_hessian_diagonal,
@@ -18,8 +17,15 @@ from secorder_hooks.core import (
 from secorder_hooks.engine import clear_quantities, extend
 from secorder_hooks.errors import (
     ExtensionError,
+    FallbackWarning,
+    InvalidChoiceError,
+    LossDtypeError,
+    LossInputError,
+    LossShapeError,
+    NonStandardLossError,
     SecorderError,
     UnsupportedLossError,
+    UnsupportedLossOptionError,
     UnsupportedModuleError,
     UnsupportedOperationError,
 )
@@ -87,4 +93,10 @@ __all__ = [
     "UnsupportedModuleError",
     "UnsupportedOperationError",
     "UnsupportedLossError",
+    "NonStandardLossError",
+    "InvalidChoiceError",
+    "UnsupportedLossOptionError",
+    "LossInputError",
+    "LossDtypeError",
+    "LossShapeError",
 ]

@@ -19,18 +19,12 @@ from secorder_hooks import (
     per_layer_fisher_diagonal,
     per_layer_hessian_diagonal,
 )
-from secorder_hooks.core import _fallback
-from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, use_backend
+from secorder_hooks.function_api.backend import ENGINE_ERRORS, Backend, use_backend
 from tests import reference
 from tests.zoo import make
 
 ZOO_CASES = ["mlp_relu", "mlp_sigmoid", "mlp_tanh", "deep_mlp", "cnn", "functional", "frozen", "sequence"]
 BACKENDS = [Backend.GENERIC, Backend.ENGINE, Backend.AUTO]
-
-
-def _need_engine(backend: Backend) -> None:
-    if backend is Backend.ENGINE and not _fallback._has_curvature_passes():
-        pytest.skip("the engine's curvature passes are not available yet")
 
 
 def _assert_close(actual, expected, rtol=1e-9, atol=1e-12) -> None:
@@ -132,7 +126,6 @@ def test_hessian_diagonal_is_vectorized() -> None:
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
 @pytest.mark.parametrize("name", ZOO_CASES)
 def test_model_hessian_diagonal_zoo(name: str, backend: Backend) -> None:
-    _need_engine(backend)
     case = make(name, torch.float64)
     loss_fn = case.loss_fn("mean")
     expected = _full(case, reference.hessian_diagonal(case.model, loss_fn, case.x, case.y))
@@ -150,7 +143,6 @@ def test_model_hessian_diagonal_zoo(name: str, backend: Backend) -> None:
 
 @pytest.mark.parametrize("backend", [Backend.GENERIC, Backend.ENGINE], ids=lambda b: b.value)
 def test_model_hessian_diagonal_keeps_grad_and_attributes(backend: Backend) -> None:
-    _need_engine(backend)
     case = make("mlp_tanh", torch.float64)
     before = [torch.full_like(p, 7.0) for p in case.model.parameters()]
     for p, g in zip(case.model.parameters(), before):
@@ -178,13 +170,12 @@ def test_model_hessian_diagonal_strict_frozen() -> None:
 
 
 def test_model_hessian_diagonal_falls_back_with_warning(monkeypatch) -> None:
-    import secorder_hooks.core._engine as engine_module
+    import secorder_hooks.function_api.hessian as engine_module
 
     def declined(*args, **kwargs):
         raise UnsupportedOperationError("simulated: second derivative of some op unknown")
 
     monkeypatch.setattr(engine_module, "run_engine", declined)
-    monkeypatch.setattr(_fallback, "_has_curvature_passes", lambda: True)
     case = make("mlp_sigmoid", torch.float64)
     with pytest.warns(FallbackWarning, match="simulated"):
         diag = model_hessian_diagonal(case.model, case.loss_fn(), case.x, case.y)
@@ -225,8 +216,6 @@ def test_per_layer_layer_types_and_empty_selection() -> None:
 @pytest.mark.parametrize("fisher_type", ["empirical", "exact", "ggn"])
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
 def test_per_layer_fisher_is_full_result_regrouped(fisher_type: str, backend: Backend) -> None:
-    if fisher_type != "empirical":
-        _need_engine(backend)
     case = make("deep_mlp", torch.float64)
     loss_fn = case.loss_fn()
     if fisher_type == "empirical":
@@ -255,7 +244,6 @@ def test_per_layer_fisher_exact_for_a_custom_loss() -> None:
 
 @pytest.mark.parametrize("backend", [Backend.GENERIC, Backend.ENGINE], ids=lambda b: b.value)
 def test_per_layer_fisher_mc_is_unbiased(backend: Backend) -> None:
-    _need_engine(backend)
     case = make("mlp_tanh", torch.float64)
     gen = torch.Generator().manual_seed(0)
     with use_backend(backend):

@@ -16,18 +16,12 @@ from secorder_hooks import (
     generalized_fisher_trace,
     model_hessian_diagonal,
 )
-from secorder_hooks.core import _fallback
-from secorder_hooks.core._fallback import Backend, use_backend
+from secorder_hooks.function_api.backend import Backend, use_backend
 from tests import reference
 from tests.zoo import make
 
 BACKENDS = [Backend.GENERIC, Backend.ENGINE, Backend.AUTO]
 FIRST_ORDER_CASES = ["mlp_relu", "mlp_sigmoid", "cnn", "functional", "called_twice", "sequence", "frozen"]
-
-
-def _need_engine(backend: Backend) -> None:
-    if backend is Backend.ENGINE and not _fallback._has_curvature_passes():
-        pytest.skip("the engine's curvature passes are not available yet")
 
 
 def _assert_close(actual, expected, rtol=1e-9, atol=1e-12) -> None:
@@ -143,7 +137,6 @@ def test_generalized_fisher_bernoulli(loss_type: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
 def test_generalized_fisher_of_outputs_recorded_by_extend(backend: Backend) -> None:
-    _need_engine(backend)
     case = make("deep_mlp", torch.float64)
     expected = _aligned(case.model, reference.ggn_diagonal(case.model, nn.CrossEntropyLoss(), case.x, case.y))
     with use_backend(backend), extend(case.model):

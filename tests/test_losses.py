@@ -15,8 +15,8 @@ from secorder_hooks.errors import UnsupportedLossError
 from secorder_hooks.losses import (
     AutogradLossTerm,
     LossInputError,
+    LossKind,
     LossTerm,
-    LossType,
     SqrtColumns,
     loss_term_from_call,
     loss_term_from_type,
@@ -347,12 +347,12 @@ def test_autograd_term_linear_and_unreachable():
 
 
 def test_loss_type_parse():
-    assert LossType.parse("cross_entropy") is LossType.NLL
-    assert LossType.parse("Gaussian") is LossType.MSE
-    assert LossType.parse("bernoulli") is LossType.BCE
-    assert LossType.parse(LossType.MSE) is LossType.MSE
+    assert LossKind.parse("cross_entropy") is LossKind.NLL
+    assert LossKind.parse("Gaussian") is LossKind.MSE
+    assert LossKind.parse("bernoulli") is LossKind.BCE
+    assert LossKind.parse(LossKind.MSE) is LossKind.MSE
     with pytest.raises(NotImplementedError, match=r"'nll'.*'bce'"):
-        LossType.parse("hinge")
+        LossKind.parse("hinge")
 
 
 @pytest.mark.parametrize(

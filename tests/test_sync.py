@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 import secorder_hooks as sh
-from secorder_hooks.core._losses import record_loss_calls
 from secorder_hooks.engine.sync import scaled_loss_call, sync_group
+from secorder_hooks.losses import record_loss_calls
 from secorder_hooks.quantities import Order
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from secorder_hooks.approximations._empirical import LossFn, empirical_fisher
-from secorder_hooks.approximations._ggn import generalized_fisher
-from secorder_hooks.core._validation import Inputs
 from secorder_hooks.engine.sync import SyncOption
-from secorder_hooks.losses.factory import LossType
+from secorder_hooks.function_api.empirical import LossFn, empirical_fisher
+from secorder_hooks.function_api.ggn import generalized_fisher
+from secorder_hooks.function_api.validation import Inputs
+from secorder_hooks.losses.kinds import LossKind
 
 __all__ = ["empirical_fisher_diagonal", "generalized_fisher_diagonal"]
 
@@ -74,7 +74,7 @@ def generalized_fisher_diagonal(
     model: nn.Module,
     outputs: Tensor,
     targets: Tensor,
-    loss_type: str | LossType = "nll",
+    loss_type: str | LossKind = "nll",
     create_graph: bool = False,
     *,
     reduction: str = "mean",
@@ -135,7 +135,7 @@ def generalized_fisher_diagonal(
     Raises:
         NotImplementedError: Unknown ``loss_type``, or outputs/targets of shapes or dtypes
             the likelihood does not support
-            (:class:`~secorder_hooks.approximations._ggn.LossShapeError`, also a ``ValueError``).
+            (:class:`~secorder_hooks.errors.LossShapeError`, also a ``ValueError``).
         ValueError: ``outputs`` without a graph, an empty batch, ``mc_samples < 1``.
     """
     return generalized_fisher(

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from secorder_hooks.approximations._empirical import LossFn, empirical_fisher
-from secorder_hooks.approximations._ggn import generalized_fisher
-from secorder_hooks.core._validation import Inputs
 from secorder_hooks.engine.sync import SyncOption
-from secorder_hooks.losses.factory import LossType
+from secorder_hooks.function_api.empirical import LossFn, empirical_fisher
+from secorder_hooks.function_api.ggn import generalized_fisher
+from secorder_hooks.function_api.validation import Inputs
+from secorder_hooks.losses.kinds import LossKind
 
 __all__ = ["empirical_fisher_trace", "generalized_fisher_trace"]
 
@@ -72,7 +72,7 @@ def generalized_fisher_trace(
     model: nn.Module,
     outputs: Tensor,
     targets: Tensor,
-    loss_type: str | LossType = "nll",
+    loss_type: str | LossKind = "nll",
     num_samples: int = 1,
     create_graph: bool = False,
     *,

@@ -1,6 +1,5 @@
-"""Exact Hessian diagonals and per-layer curvature: the model-level function API."""
+"""Exact Hessian diagonals and per-layer curvature: the model-level function API (public modules)."""
 
-from secorder_hooks.core._fallback import Backend, FallbackWarning, use_backend
 from secorder_hooks.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from secorder_hooks.core.per_layer_curvature import (
     FisherType,
@@ -8,6 +7,8 @@ from secorder_hooks.core.per_layer_curvature import (
     per_layer_fisher_diagonal,
     per_layer_hessian_diagonal,
 )
+from secorder_hooks.errors import FallbackWarning
+from secorder_hooks.function_api.backend import Backend, use_backend
 
 __all__ = [
     "hessian_diagonal",

@@ -5,6 +5,7 @@ graph and multiplies the Hessian with batches of unit vectors, vectorized by
 ``torch.func.vmap`` over ``torch.autograd.grad`` and chunked to bound memory.
 :func:`model_hessian_diagonal` uses the hook engine (:class:`~secorder_hooks.DiagHessian`,
 one backward pass) and falls back to :func:`hessian_diagonal` where the engine declines.
+Both are thin public functions over ``secorder_hooks.function_api.hessian``.
 
 Scale (see :doc:`/conventions`): the diagonal of the Hessian of the loss as computed,
 :math:`L = c \sum_n \ell_n(f_n)`, so a ``"mean"`` loss gives ``1/N`` times the ``"sum"`` one.
@@ -12,36 +13,15 @@ Scale (see :doc:`/conventions`): the diagonal of the Hessian of the loss as comp
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
-from secorder_hooks.core._fallback import logger as _logger
-from secorder_hooks.core._losses import record_loss_calls
-from secorder_hooks.core._progress import progress_bar
-from secorder_hooks.core._sync import synchronized
-from secorder_hooks.core._validation import (
-    Inputs,
-    ModelInputs,
-    check_batch,
-    check_params,
-    check_scalar,
-    check_vectors,
-    zeros_like_all,
-)
 from secorder_hooks.engine.sync import SyncOption
-from secorder_hooks.engine.vjp import batched_grad
+from secorder_hooks.function_api.hessian import LossFn, hessian_diagonal_of_closure, hessian_diagonal_of_model
+from secorder_hooks.function_api.validation import Inputs
 
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-_CHUNK_BUDGET = 2**22
-"""Default bound on (unit vectors per chunk) x (elements of the parameter)."""
 
 
 def hessian_diagonal(
@@ -89,52 +69,7 @@ def hessian_diagonal(
             ``func()`` not a scalar, or (``strict``) a parameter without influence.
         TypeError: ``func()`` does not return a tensor.
     """
-    params = check_params(params, strict)
-    vectors = check_vectors(v, params)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-    value = check_scalar(func(), "func")
-    result = zeros_like_all(params)
-    active = [i for i, p in enumerate(params) if p.requires_grad]
-    grads: Sequence[Tensor | None] = [None] * len(active)
-    if active and value.requires_grad:
-        grads = torch.autograd.grad(value, [params[i] for i in active], create_graph=True, allow_unused=True)
-    bar = progress_bar(sum(params[i].numel() for i in active), progress, "hessian_diagonal")
-    try:
-        for i, g in zip(active, grads):
-            if g is None:
-                if strict:
-                    raise ValueError(f"params[{i}] does not influence the result of func (strict=True).")
-                bar.update(params[i].numel())
-                continue
-            if g.requires_grad:
-                result[i] = _block_diagonal(g, params[i], create_graph, chunk_size, bar)
-            else:
-                bar.update(params[i].numel())  # the gradient is constant: zero Hessian block
-    finally:
-        bar.close()
-    if vectors is not None:
-        result = [vi * r for vi, r in zip(vectors, result)]
-    return result
-
-
-def _block_diagonal(g: Tensor, p: Tensor, create_graph: bool, chunk_size: int | None, bar) -> Tensor:
-    r"""Diagonal of :math:`\partial g / \partial p` for ``g`` the gradient of a scalar with respect to ``p``."""
-    n = p.numel()
-    size = min(n, chunk_size or max(1, _CHUNK_BUDGET // n))
-    pieces = []
-    for start in range(0, n, size):
-        b = min(size, n - start)
-        rows = torch.arange(b, device=g.device)
-        unit = torch.zeros(b, n, dtype=g.dtype, device=g.device)
-        unit[rows, start + rows] = 1
-        (hv,) = batched_grad([g], [p], [unit.reshape(b, *p.shape)], create_graph)
-        if hv is None:  # g depends on other tensors only
-            bar.update(n - start)
-            return torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
-        pieces.append(hv.reshape(b, n)[rows, start + rows])
-        bar.update(b)
-    return torch.cat(pieces).reshape(p.shape)
+    return hessian_diagonal_of_closure(func, params, v, create_graph, strict, chunk_size, progress)
 
 
 def model_hessian_diagonal(
@@ -189,56 +124,4 @@ def model_hessian_diagonal(
             a non-scalar loss, or (``strict``) a parameter without influence.
         ExtensionError: ``sync`` with ``create_graph=True`` or a non-standard loss.
     """
-
-    def compute(model: nn.Module, loss_fn: LossFn) -> list[Tensor]:
-        return _model_hessian_diagonal(model, loss_fn, inputs, targets, create_graph, strict)
-
-    return synchronized("model_hessian_diagonal", model, loss_fn, sync, compute, create_graph)
-
-
-def _model_hessian_diagonal(
-    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor, create_graph: bool, strict: bool
-) -> list[Tensor]:
-    args = check_batch(model, inputs, targets)
-    params = list(model.parameters())
-    check_params(params, strict)
-    if not create_graph and engine_supports(second_order=True):
-        try:
-            return _engine_hessian_diagonal(model, loss_fn, args, targets, params, strict)
-        except ENGINE_ERRORS as err:
-            if current_backend() is Backend.ENGINE:
-                raise
-            warnings.warn(
-                FallbackWarning(
-                    f"model_hessian_diagonal: the engine declined ({type(err).__name__}: {err}); "
-                    "using the exact generic path (vectorized Hessian-vector products), which is slower."
-                ),
-                stacklevel=5,
-            )
-    _logger.debug("model_hessian_diagonal: generic path")
-
-    def closure() -> Tensor:
-        # attention in its math kernel: the fused kernels of scaled_dot_product_attention have no double backward
-        with record_loss_calls(), sdpa_kernel(SDPBackend.MATH):
-            return loss_fn(args.call(model), targets)
-
-    return hessian_diagonal(closure, params, create_graph=create_graph, strict=strict)
-
-
-def _engine_hessian_diagonal(
-    model: nn.Module, loss_fn: LossFn, args: ModelInputs, targets: Tensor, params: list[Tensor], strict: bool
-) -> list[Tensor]:
-    from secorder_hooks.core._engine import run_engine
-    from secorder_hooks.quantities import DiagHessian
-
-    _logger.debug("model_hessian_diagonal: engine path")
-    found = run_engine(model, loss_fn, args, targets, params, [DiagHessian()]).values[DiagHessian.attribute]
-    return [_or_zeros(d, p, i, strict) for i, (d, p) in enumerate(zip(found, params))]
-
-
-def _or_zeros(value: Tensor | None, p: Tensor, i: int, strict: bool) -> Tensor:
-    if value is not None:
-        return value
-    if strict and p.requires_grad:
-        raise ValueError(f"parameter {i} of the model does not influence the loss (strict=True).")
-    return torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+    return hessian_diagonal_of_model(model, loss_fn, inputs, targets, create_graph, strict, sync)

@@ -5,85 +5,29 @@ layer's diagonal at once) and regroups the result: for every selected module, th
 diagonals of its *own* parameters (``module.parameters(recurse=False)``), flattened and
 concatenated in registration order. Scale as in :doc:`/conventions`
 (:math:`L = c \sum_n \ell_n`); the blocks are the diagonal blocks of the full matrices,
-i.e. the per-layer results are exactly the full results regrouped.
+i.e. the per-layer results are exactly the full results regrouped. Thin public functions
+over ``secorder_hooks.function_api.per_layer``.
 """
 
 from __future__ import annotations
 
-import enum
-import math
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
-from secorder_hooks.core._fallback import logger as _logger
-from secorder_hooks.core._sync import synchronized, unwrap
-from secorder_hooks.core._validation import Inputs, ModelInputs, check_batch
-from secorder_hooks.core.hessian_diagonal import model_hessian_diagonal
-from secorder_hooks.engine.sync import SyncOption, sync_group
+from secorder_hooks.engine.sync import SyncOption
+from secorder_hooks.function_api.per_layer import (
+    FisherType,
+    LayerTypes,
+    LossFn,
+    layer_curvature_stats,
+    per_layer_fisher,
+    per_layer_hessian,
+)
+from secorder_hooks.function_api.validation import Inputs
 
 __all__ = ["FisherType", "per_layer_hessian_diagonal", "per_layer_fisher_diagonal", "get_layer_curvature_stats"]
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-LayerTypes = type | Iterable[type] | None
-
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-
-
-class FisherType(enum.Enum):
-    """Which Fisher :func:`per_layer_fisher_diagonal` computes."""
-
-    EMPIRICAL = "empirical"
-    r"""Empirical Fisher :math:`c \sum_n \nabla \ell_n \nabla \ell_n^\top`."""
-    EXACT = "exact"
-    r"""Generalized Fisher (GGN) :math:`c \sum_n J_n^\top H_n J_n` (the true Fisher for the standard losses)."""
-    MC = "mc"
-    """Unbiased Monte-Carlo estimate of the GGN, targets sampled from the model."""
-
-    @classmethod
-    def parse(cls, value: str | FisherType) -> FisherType:
-        """The Fisher type named ``value`` (case-insensitive; ``"ggn"`` is an alias of ``"exact"``).
-
-        Raises:
-            ValueError: Unknown name (lists the accepted ones).
-        """
-        if isinstance(value, FisherType):
-            return value
-        key = str(value).strip().lower()
-        key = {"ggn": "exact", "generalized": "exact", "monte_carlo": "mc"}.get(key, key)
-        try:
-            return cls(key)
-        except ValueError:
-            accepted = ", ".join(repr(t.value) for t in cls)
-            raise ValueError(f"unknown fisher_type {value!r}; accepted: {accepted} (and 'ggn').") from None
-
-
-def _select_layers(model: nn.Module, layer_types: LayerTypes) -> list[tuple[str, nn.Module]]:
-    if layer_types is None:
-        types: tuple[type, ...] = DEFAULT_LAYER_TYPES
-    elif isinstance(layer_types, type):
-        types = (layer_types,)
-    else:
-        types = tuple(layer_types)
-    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
-    if bad:
-        raise TypeError(f"layer_types must be nn.Module subclasses, got {bad!r}.")
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, types) and any(True for _ in m.parameters(recurse=False))
-    ]
-
-
-def _regroup(model: nn.Module, layers: list[tuple[str, nn.Module]], diag: list[Tensor]) -> dict[str, Tensor]:
-    index = {id(p): i for i, p in enumerate(model.parameters())}
-    return {
-        name: torch.cat([diag[index[id(p)]].reshape(-1) for p in module.parameters(recurse=False)])
-        for name, module in layers
-    }
 
 
 def per_layer_hessian_diagonal(
@@ -129,14 +73,7 @@ def per_layer_hessian_diagonal(
         and concatenated in registration order (zeros for parameters that do not require
         grad).
     """
-    group = sync_group(model, sync, "per_layer_hessian_diagonal") or False  # resolved once, on the wrapper
-    model = unwrap(model)
-    check_batch(model, inputs, targets)
-    layers = _select_layers(model, layer_types)
-    if not layers:
-        return {}
-    diag = model_hessian_diagonal(model, loss_fn, inputs, targets, create_graph=create_graph, sync=group)
-    return _regroup(model, layers, diag)
+    return per_layer_hessian(model, loss_fn, inputs, targets, layer_types, create_graph, sync)
 
 
 def per_layer_fisher_diagonal(
@@ -194,63 +131,9 @@ def per_layer_fisher_diagonal(
     Raises:
         ValueError: Unknown ``fisher_type`` and the bad inputs of the underlying functions.
     """
-    kind = FisherType.parse(fisher_type)
-    caller = "per_layer_fisher_diagonal"
-    group = sync_group(model, sync, caller) or False  # resolved once, on the wrapper
-    model = unwrap(model)
-    args = check_batch(model, inputs, targets)
-    layers = _select_layers(model, layer_types)
-    if not layers:
-        return {}
-    if kind is FisherType.EMPIRICAL:
-        from secorder_hooks.approximations._empirical import empirical_fisher
-
-        diag = empirical_fisher(
-            model, loss_fn, inputs, targets, trace=False, create_graph=create_graph, caller=caller, sync=group
-        )
-    else:
-
-        def compute(model: nn.Module, loss_fn: LossFn) -> list[Tensor]:
-            return _ggn_for_loss(model, loss_fn, args, targets, kind, create_graph, mc_samples, generator)
-
-        diag = synchronized(caller, model, loss_fn, group, compute, create_graph)
-    return _regroup(model, layers, diag)
-
-
-def _ggn_for_loss(
-    model: nn.Module,
-    loss_fn: LossFn,
-    args: ModelInputs,
-    targets: Tensor,
-    kind: FisherType,
-    create_graph: bool,
-    mc_samples: int,
-    generator: torch.Generator | None,
-) -> list[Tensor]:
-    from secorder_hooks.quantities import DiagGGNExact, DiagGGNMC
-
-    quantity = DiagGGNExact() if kind is FisherType.EXACT else DiagGGNMC(mc_samples, generator)
-    params = list(model.parameters())
-    if not create_graph and engine_supports(second_order=True):
-        from secorder_hooks.core._engine import run_engine
-
-        try:
-            found = run_engine(model, loss_fn, args, targets, params, [quantity]).values[quantity.attribute]
-            return [torch.zeros_like(p).detach() if v is None else v for v, p in zip(found, params)]
-        except ENGINE_ERRORS as err:
-            if current_backend() is Backend.ENGINE:
-                raise
-            warnings.warn(
-                FallbackWarning(
-                    f"per_layer_fisher_diagonal: the engine declined ({type(err).__name__}: {err}); "
-                    "using the generic path."
-                ),
-                stacklevel=5,
-            )
-    _logger.debug("per_layer_fisher_diagonal: generic path")
-    from secorder_hooks.core._generic_ggn import generic_ggn_for_loss
-
-    return generic_ggn_for_loss(model, loss_fn, args, targets, params, create_graph, kind is FisherType.MC, quantity)
+    return per_layer_fisher(
+        model, loss_fn, inputs, targets, layer_types, create_graph, fisher_type, mc_samples, generator, sync
+    )
 
 
 def get_layer_curvature_stats(layer_curvatures: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -280,26 +163,4 @@ def get_layer_curvature_stats(layer_curvatures: Mapping[str, Tensor]) -> dict[st
         ValueError: A layer's tensor is empty.
         TypeError: A value is not a tensor.
     """
-    stats: dict[str, dict[str, float]] = {}
-    for name, values in layer_curvatures.items():
-        if not isinstance(values, Tensor):
-            raise TypeError(f"layer {name!r}: expected a tensor, got {type(values).__name__}.")
-        if values.numel() == 0:
-            raise ValueError(f"layer {name!r} has an empty curvature tensor; statistics are undefined.")
-        v = values.detach().reshape(-1).to(torch.float64 if not values.is_floating_point() else values.dtype)
-        n = v.numel()
-        stats[name] = {
-            "mean": v.mean().item(),
-            "std": v.std().item() if n > 1 else math.nan,
-            "max": v.max().item(),
-            "min": v.min().item(),
-            "abs_mean": v.abs().mean().item(),
-            "abs_max": v.abs().max().item(),
-            "median": v.median().item(),
-            "norm": math.sqrt((v.double() ** 2).sum().item()),
-            "sum": v.sum().item(),
-            "numel": float(n),
-            "frac_negative": (v < 0).sum().item() / n,
-            "frac_zero": (v == 0).sum().item() / n,
-        }
-    return stats
+    return layer_curvature_stats(layer_curvatures)

@@ -22,17 +22,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secorder_hooks.engine.accumulate import PassValues, Window
-from secorder_hooks.engine.assemble import Contributions, pass_examples
-from secorder_hooks.engine.broadcast import check_batch_axes
-from secorder_hooks.engine.curvature import CurvaturePlan
-from secorder_hooks.engine.dispatch import compute_quantities
-from secorder_hooks.engine.graph import (
+from secorder_hooks.autodiff.graph import (
     REENTRANT_CHECKPOINT_ADVICE,
     iter_nodes,
     reached_parameters,
     reentrant_checkpoint,
 )
+from secorder_hooks.engine.accumulate import PassValues, Window
+from secorder_hooks.engine.assemble import Contributions, pass_examples
+from secorder_hooks.engine.broadcast import check_batch_axes
+from secorder_hooks.engine.curvature import CurvaturePlan
+from secorder_hooks.engine.dispatch import compute_quantities
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.mixing import mixes_examples, mixing_error, suspicious_nodes
 from secorder_hooks.engine.residuals import internal_nodes

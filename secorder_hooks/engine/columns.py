@@ -3,7 +3,7 @@ r"""Backpropagation of column blocks to the recorded module outputs.
 Curvature quantities push ``V`` vectors ("columns") from one place of the graph, the
 model output or the input of a curved operation, back to the outputs of the recorded
 module calls below it. In general one vectorized backward through autograd
-(:func:`~secorder_hooks.engine.vjp.batched_grad`) does this for all ``V`` columns at once.
+(:func:`~secorder_hooks.autodiff.vjp.batched_grad`) does this for all ``V`` columns at once.
 
 When the graph below the source is a *chain*, a sequence of recorded layers whose rules
 know their input Jacobian (:meth:`~secorder_hooks.rules.base.LayerRule.input_vjp`:
@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node
 
+from secorder_hooks.autodiff.graph import leaf_variable, only_input
+from secorder_hooks.autodiff.vjp import batched_grad
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name
-from secorder_hooks.engine.graph import leaf_variable, only_input
 from secorder_hooks.engine.records import CallRecord
-from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import Sink
 from secorder_hooks.quantities.diagonals import Diagonals

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from secorder_hooks.autodiff.graph import REENTRANT_CHECKPOINT_ADVICE, reentrant_checkpoint
 from secorder_hooks.engine.assemble import Contributions, PassState
 from secorder_hooks.engine.columns import column_pass
-from secorder_hooks.engine.graph import REENTRANT_CHECKPOINT_ADVICE, reentrant_checkpoint
 from secorder_hooks.engine.hessian_terms import HessianTerms
 from secorder_hooks.engine.loss_term import select_loss_term
 from secorder_hooks.engine.records import CallRecord

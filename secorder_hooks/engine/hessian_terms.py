@@ -20,11 +20,11 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
+from secorder_hooks.autodiff.graph import only_input
 from secorder_hooks.engine.assemble import ColumnResults, Contributions
 from secorder_hooks.engine.broadcast import replica_own_term
 from secorder_hooks.engine.columns import backprop_columns, column_pass
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name, second_derivative
-from secorder_hooks.engine.graph import only_input
 from secorder_hooks.engine.mixing import mixes_examples
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.residuals import CurvedSite, SiteKind, find_sites, records_below

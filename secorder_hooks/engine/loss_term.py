@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from secorder_hooks.engine.graph import iter_nodes, leaf_variable
+from secorder_hooks.autodiff.graph import iter_nodes, leaf_variable
 from secorder_hooks.errors import UnsupportedLossError
 from secorder_hooks.losses.autograd import AutogradLossTerm
 from secorder_hooks.losses.base import LossTerm

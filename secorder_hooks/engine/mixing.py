@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
+from secorder_hooks.autodiff.vjp import batched_grad
 from secorder_hooks.engine.curved_ops import node_name
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.rows import row_map
-from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.errors import UnsupportedOperationError
 from secorder_hooks.rules.layout import batch_layout_for
 

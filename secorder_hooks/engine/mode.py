@@ -20,22 +20,26 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from secorder_hooks.engine.backward import autograd_backward, tensor_backward
 from secorder_hooks.engine.broadcast import BROADCASTING, expand_watched
 from secorder_hooks.engine.session import Session
-from secorder_hooks.losses.calls import LOSS_FUNCTIONS, make_loss_call
+from secorder_hooks.losses.calls import LOSS_FUNCTIONS
+from secorder_hooks.losses.recognition import LossWatchingMode, call_loss
 
 __all__ = ["EngineMode"]
 
 
-class EngineMode(TorchFunctionMode):
+class EngineMode(LossWatchingMode):
     """Intercepts ``Tensor.backward``, ``torch.autograd.backward``, loss functions and parameter uses for a session."""
 
     def __init__(self, session: Session) -> None:
         super().__init__()
         self.session = session
+
+    def watches_losses(self) -> bool:
+        """Whether the session is not suspended (:func:`~secorder_hooks.engine.session.isolated`)."""
+        return not self.session.suspended
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         # Runs for every torch call while the context is active (tensor attribute reads included):
@@ -50,12 +54,14 @@ class EngineMode(TorchFunctionMode):
             return tensor_backward(session, *args, **kwargs)
         if func is torch.autograd.backward:
             return autograd_backward(session, *args, **kwargs)
+        if func in LOSS_FUNCTIONS:  # parsed once, by the loss layer (which checks targets for the function API)
+            call = call_loss(func, args, kwargs)
+            if isinstance(call.result, Tensor) and call.result.grad_fn is not None:  # else no backward follows
+                session.add_loss_call(call)
+            return call.result
         if func in BROADCASTING and session.watched and not session.records.paused:
             args, kwargs = expand_watched(session.watched, session.records, func, args, kwargs)
         result = func(*args, **kwargs)  # the operation itself: its errors reach the caller unchanged
-        if func in LOSS_FUNCTIONS:
-            if isinstance(result, Tensor) and result.grad_fn is not None:  # not under no_grad(): no backward follows
-                session.add_loss_call(make_loss_call(func, args, kwargs, result))
-        elif torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             session.check_parameter_use(args, kwargs, result)
         return result

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
+from secorder_hooks.autodiff.graph import children, iter_nodes, leaf_variable, only_input
 from secorder_hooks.engine.curved_ops import (
     AFFINE,
     ELEMENTWISE,
@@ -36,7 +37,6 @@ from secorder_hooks.engine.curved_ops import (
     MULTILINEAR,
     node_name,
 )
-from secorder_hooks.engine.graph import children, iter_nodes, leaf_variable, only_input
 from secorder_hooks.engine.mixing import BATCH_NORMS
 from secorder_hooks.engine.records import CallRecord
 from secorder_hooks.engine.rowwise import ROWWISE, instance_rows

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
+from secorder_hooks.autodiff.graph import leaf_variable, only_input, saved_int
+from secorder_hooks.autodiff.vjp import batched_grad
 from secorder_hooks.engine.curved_ops import DIAGONAL, node_name
-from secorder_hooks.engine.graph import leaf_variable, only_input, saved_int
 from secorder_hooks.engine.records import CallRecord
-from secorder_hooks.engine.vjp import batched_grad
 from secorder_hooks.losses.base import SqrtColumns
 from secorder_hooks.rules.layout import batch_layout_for
 

@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.autograd.graph import Node
 from torch.func import hessian, vmap
 
+from secorder_hooks.autodiff.graph import saved_int
 from secorder_hooks.engine.curved_ops import node_name
-from secorder_hooks.engine.graph import saved_int
 
 __all__ = ["ROWWISE", "row_blocks", "block_columns", "instance_rows"]
 

@@ -146,10 +146,11 @@ class Shards:
         Raises:
             ExtensionError: ``reduction="none"``, or a mean over no terms (every target ignored).
         """
-        reduction = call.options.get("reduction", "mean")
-        if reduction not in ("mean", "sum"):
-            raise ExtensionError(f"synchronizing needs a scalar loss; the loss has reduction={reduction!r}.")
-        terms = averaged_terms(call) if reduction == "mean" else 1.0
+        try:
+            mean = call.reduction.value == "mean"
+        except NotImplementedError as err:  # reduction="none" (an UnsupportedLossOptionError)
+            raise ExtensionError(f"synchronizing needs a scalar loss; {err}") from err
+        terms = averaged_terms(call)
         if terms == 0:
             raise ExtensionError(
                 "this process's shard has no terms in its mean loss (every target is ignored), so its loss and "
@@ -157,7 +158,7 @@ class Shards:
             )
         counts = torch.tensor([terms, float(examples)], dtype=torch.float64, device=device)
         work = torch.distributed.all_reduce(counts, group=group, async_op=True)
-        return cls(group, reduction == "mean", terms, examples, counts, work)
+        return cls(group, mean, terms, examples, counts, work)
 
     def _totals(self) -> tuple[float, float]:
         """:math:`(D, N)` of the global batch (waits for the all-reduce once)."""

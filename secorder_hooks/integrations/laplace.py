@@ -83,8 +83,8 @@ class _SecorderInterface:
     subnetwork_indices: Tensor | None
 
     def _init_options(self, sharing: WeightSharing | str, fallback: KronFallback | str) -> None:
-        self.sharing = WeightSharing(sharing)
-        self.fallback = KronFallback(fallback)
+        self.sharing = WeightSharing.parse(sharing, "sharing")
+        self.fallback = KronFallback.parse(fallback, "fallback")
 
     def _forward(self, x: Tensor) -> Tensor:
         """The model output; for last-layer Laplace, the last layer applied to features computed without graph."""

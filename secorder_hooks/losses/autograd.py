@@ -3,8 +3,8 @@ r"""Any scalar loss, its per-example Hessian blocks obtained by double backward.
 For a loss :math:`L(f)` that is a sum over examples (no term couples :math:`f_n` and
 :math:`f_m`, :math:`n \ne m`), the Hessian is block diagonal, and one Hessian-vector product
 with the vector that is :math:`e_k` in every example gives column :math:`k` of every block at
-once: ``prod(f)`` products in all, batched with :func:`~secorder_hooks.engine.vjp.batched_grad`. One more product with a
-Gaussian probe checks block diagonality. Each block :math:`B_n = U \Lambda U^\top` then gives
+once: ``prod(f)`` products in all, batched with :func:`~secorder_hooks.autodiff.vjp.batched_grad`.
+One more product with a Gaussian probe checks block diagonality. Each block :math:`B_n = U \Lambda U^\top` then gives
 columns :math:`\sqrt{|\lambda_k|}\, u_k` with weights :math:`\operatorname{sign}(\lambda_k)`, so
 indefinite Hessians are represented exactly.
 """
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from secorder_hooks.autodiff.vjp import batched_grad
 from secorder_hooks.errors import UnsupportedLossError
 from secorder_hooks.losses.base import LossTerm, SqrtColumns
 
@@ -85,8 +86,6 @@ class AutogradLossTerm(LossTerm):
 
     def _hvps(self, grad: Tensor, vectors: Tensor) -> Tensor:
         """``[B, *f]`` Hessian-vector products for ``vectors`` ``[B, *f]``, in chunks."""
-        from secorder_hooks.engine.vjp import batched_grad
-
         size = self.chunk_size or vectors.shape[0]
         out = []
         for chunk in vectors.split(size):

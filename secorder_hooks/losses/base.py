@@ -16,54 +16,27 @@ in expectation.
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from secorder_hooks.errors import SecorderError, UnsupportedLossError
+from secorder_hooks.errors import UnsupportedLossError
+from secorder_hooks.losses.kinds import LossKind, Reduction
 
 __all__ = [
-    "LossInputError",
+    "LossCall",
     "LossTerm",
-    "Reduction",
     "SqrtColumns",
     "edge_of",
     "diagonal_sqrt_columns",
     "one_hot_columns",
     "signed_sqrt",
 ]
-
-
-class LossInputError(SecorderError, ValueError):
-    """The prediction, target or an option passed to a loss is invalid (shape, dtype, value)."""
-
-
-class Reduction(enum.Enum):
-    r"""Reductions that give a scalar loss :math:`L = c \sum_n \ell_n`."""
-
-    MEAN = "mean"
-    SUM = "sum"
-
-    @classmethod
-    def parse(cls, value: str | Reduction, loss_name: str = "loss") -> Reduction:
-        """The reduction named ``value``.
-
-        Raises:
-            UnsupportedLossError: ``value`` is ``"none"`` or unknown (the curvature needs a scalar loss).
-        """
-        if isinstance(value, Reduction):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise UnsupportedLossError(
-                f"{loss_name} with reduction={value!r}: curvature quantities need a scalar loss; "
-                f"use reduction='mean' or 'sum'."
-            ) from None
 
 
 def edge_of(tensor: Tensor) -> GradientEdge | None:
@@ -96,6 +69,45 @@ class SqrtColumns:
     weights: Tensor | None = None
 
 
+@dataclass(eq=False)
+class LossCall:
+    """One call of a recognized loss function (see :func:`~secorder_hooks.losses.calls.standard_loss`).
+
+    Attributes:
+        loss: The term class registered for the function called (its :attr:`~LossTerm.function`).
+        input: The prediction passed to the loss (logits, log-probabilities or outputs).
+        target: The target passed to the loss.
+        options: Remaining keyword arguments after normalization (``reduction``,
+            ``weight``, ``ignore_index``, ``label_smoothing``, ``pos_weight``).
+        result: The loss tensor the call returned (``None`` before it ran).
+    """
+
+    loss: type[LossTerm]
+    input: Tensor
+    target: Tensor
+    options: dict[str, Any]
+    result: Tensor | None
+
+    @property
+    def kind(self) -> LossKind | None:
+        """The likelihood of the loss called (``None`` for a loss of another likelihood)."""
+        return self.loss.kind
+
+    @property
+    def reduction(self) -> Reduction:
+        """The call's reduction.
+
+        Raises:
+            UnsupportedLossOptionError: ``reduction="none"`` (the curvature needs a scalar loss).
+        """
+        return Reduction.parse(self.options.get("reduction", "mean"), f"{self.name}: reduction")
+
+    @property
+    def name(self) -> str:
+        """The name of the loss function called (e.g. ``"cross_entropy"``), for messages."""
+        return self.loss.function.__name__  # type: ignore[union-attr]
+
+
 class LossTerm(ABC):
     """The loss as a function of the tensor at :attr:`edge`.
 
@@ -108,6 +120,40 @@ class LossTerm(ABC):
     edge: GradientEdge | None
     shape: torch.Size
     name: str = "loss"
+
+    function: ClassVar[Callable[..., Tensor] | None] = None
+    """The PyTorch loss function this term stands for (set by
+    :func:`~secorder_hooks.losses.calls.standard_loss`; ``None`` for terms of no standard loss)."""
+    kind: ClassVar[LossKind | None] = None
+    """The likelihood of :attr:`function` (set with it)."""
+
+    @classmethod
+    def from_call(cls, call: LossCall) -> LossTerm:
+        """The term of a recorded call of :attr:`function` whose result is the loss.
+
+        Raises:
+            UnsupportedLossError: The call's options make the curvature unavailable.
+            LossInputError: Invalid target or option shapes.
+        """
+        raise NotImplementedError(f"{cls.__name__} is not the term of a standard loss function.")
+
+    @classmethod
+    def check_targets(cls, call: LossCall) -> None:
+        """Raise a package error for targets that do not fit the call's prediction, before it runs.
+
+        Raises:
+            LossInputError: Shapes that PyTorch would broadcast silently or reject later.
+            LossDtypeError: A target dtype the loss does not accept.
+        """
+        raise NotImplementedError(f"{cls.__name__} is not the term of a standard loss function.")
+
+    @classmethod
+    def averaged_terms(cls, call: LossCall) -> float:
+        r"""How many terms ``reduction="mean"`` averages over in ``call``: :math:`1/c`.
+
+        Zero when every term is ignored (the mean is undefined).
+        """
+        raise NotImplementedError(f"{cls.__name__} is not the term of a standard loss function.")
 
     @abstractmethod
     def sqrt_hessian(self) -> SqrtColumns:

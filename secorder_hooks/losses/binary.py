@@ -16,14 +16,19 @@ they are the loss gradient at the sampled target).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from secorder_hooks.errors import UnsupportedLossError
-from secorder_hooks.losses.base import LossInputError, LossTerm, Reduction, SqrtColumns, diagonal_sqrt_columns, edge_of
+from secorder_hooks.errors import LossInputError, UnsupportedLossError
+from secorder_hooks.losses.base import LossCall, LossTerm, SqrtColumns, diagonal_sqrt_columns, edge_of
+from secorder_hooks.losses.calls import standard_loss
+from secorder_hooks.losses.kinds import LossKind, Reduction
+from secorder_hooks.losses.regression import check_elementwise_targets
 
 __all__ = ["BCEWithLogitsLossTerm"]
 
 
+@standard_loss(F.binary_cross_entropy_with_logits, LossKind.BCE, loss_type=True)
 class BCEWithLogitsLossTerm(LossTerm):
     """``F.binary_cross_entropy_with_logits(logits, target, ...)`` as a function of ``logits`` ``[N, *f]``.
 
@@ -42,7 +47,7 @@ class BCEWithLogitsLossTerm(LossTerm):
         reduction: str | Reduction = "mean",
     ) -> None:
         self.name = "binary_cross_entropy_with_logits"
-        red = Reduction.parse(reduction, self.name)
+        red = Reduction.parse(reduction, f"{self.name}: reduction")
         if logits.dim() == 0:
             raise UnsupportedLossError(f"{self.name} on a 0-d input: pass a batch [N, *f]; dim 0 is the example axis.")
         if target.shape != logits.shape:
@@ -61,6 +66,28 @@ class BCEWithLogitsLossTerm(LossTerm):
         #: ``[N, *f]`` :math:`\sigma(f)`.
         self.probs = torch.sigmoid(x)
         self.edge, self.shape = edge_of(logits), logits.shape
+
+    @classmethod
+    def from_call(cls, call: LossCall) -> BCEWithLogitsLossTerm:
+        """The term of a recorded ``F.binary_cross_entropy_with_logits`` call."""
+        opts = call.options
+        return cls(
+            call.input,
+            call.target,
+            weight=opts.get("weight"),
+            pos_weight=opts.get("pos_weight"),
+            reduction=opts.get("reduction", "mean"),
+        )
+
+    @classmethod
+    def check_targets(cls, call: LossCall) -> None:
+        """Floating targets of the prediction's shape."""
+        check_elementwise_targets(call)
+
+    @classmethod
+    def averaged_terms(cls, call: LossCall) -> float:
+        """The elements of the prediction (``weight`` does not change the mean's divisor)."""
+        return float(call.input.numel())
 
     def sqrt_hessian(self) -> SqrtColumns:
         """``K = prod(f)`` one-hot columns (``[K, N, *f]``) of the diagonal Hessian."""

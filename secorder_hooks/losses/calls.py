@@ -1,79 +1,102 @@
-"""Recognition of calls to the standard PyTorch loss functions.
+r"""The standard PyTorch loss functions the package recognizes, and what it reads from a call.
 
-The engine intercepts these functions (and the ``nn`` loss modules, which call them)
-while a :func:`~secorder_hooks.extend` context is active, and keeps a :class:`LossCall`
-for each, so that the loss-Hessian square root can be formed in closed form.
+Each recognized function is registered, with :func:`standard_loss`, on the
+:class:`~secorder_hooks.losses.base.LossTerm` subclass that stands for it; that class is
+the one place that knows the loss: its Hessian square root, the targets it accepts and
+the number of terms its mean averages. :data:`LOSS_FUNCTIONS` maps the functions to
+their classes. The engine intercepts these functions (and the ``nn`` loss modules, which
+call them) while a :func:`~secorder_hooks.extend` context is active, and the function API
+while it evaluates ``loss_fn`` (:mod:`secorder_hooks.losses.recognition`); each call
+becomes a :class:`~secorder_hooks.losses.base.LossCall`.
+
+The reduction factor :math:`c` in :math:`L = c \sum_n \ell_n` of a call is read here and
+nowhere else: :func:`averaged_terms` (:math:`1/c`) and :func:`reduction_factor`.
 """
 
 from __future__ import annotations
 
-import enum
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import _reduction
 
-__all__ = ["LossKind", "LossCall", "LOSS_FUNCTIONS", "make_loss_call", "averaged_terms"]
+from secorder_hooks.errors import LossInputError
+from secorder_hooks.losses.base import LossCall, LossTerm
+from secorder_hooks.losses.kinds import LossKind, Reduction
 
+__all__ = [
+    "LOSS_FUNCTIONS",
+    "standard_loss",
+    "loss_type_function",
+    "make_loss_call",
+    "averaged_terms",
+    "reduction_factor",
+]
 
-class LossKind(enum.Enum):
-    """The losses with closed-form Hessian square roots and a known likelihood."""
+_T = TypeVar("_T", bound=type[LossTerm])
 
-    CROSS_ENTROPY = "cross_entropy"
-    NLL = "nll"
-    MSE = "mse"
-    BCE_WITH_LOGITS = "bce_with_logits"
+LOSS_FUNCTIONS: dict[Callable[..., Tensor], type[LossTerm]] = {}
+"""Every recognized loss function and the term class registered for it."""
 
-
-LOSS_FUNCTIONS: dict[Callable[..., Tensor], LossKind] = {
-    F.cross_entropy: LossKind.CROSS_ENTROPY,
-    F.nll_loss: LossKind.NLL,
-    F.mse_loss: LossKind.MSE,
-    F.binary_cross_entropy_with_logits: LossKind.BCE_WITH_LOGITS,
-}
-
-_SIGNATURES = {fn: inspect.signature(fn) for fn in LOSS_FUNCTIONS}
-_NAMES = {fn: tuple(sig.parameters) for fn, sig in _SIGNATURES.items()}
-_DEFAULTS = {
-    fn: {name: p.default for name, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-    for fn, sig in _SIGNATURES.items()
-}
+_LOSS_TYPE_FUNCTIONS: dict[LossKind, Callable[..., Tensor]] = {}
+_SIGNATURES: dict[Callable[..., Tensor], inspect.Signature] = {}
+_NAMES: dict[Callable[..., Tensor], tuple[str, ...]] = {}
+_DEFAULTS: dict[Callable[..., Tensor], dict[str, Any]] = {}
 
 
-@dataclass(eq=False)
-class LossCall:
-    """One call of a recognized loss function.
+def standard_loss(
+    function: Callable[..., Tensor], kind: LossKind | None = None, *, loss_type: bool = False
+) -> Callable[[_T], _T]:
+    """Class decorator: register a term class as the one for the PyTorch loss ``function``.
 
-    Attributes:
-        kind: Which loss.
-        input: The prediction passed to the loss (logits, log-probabilities or outputs).
-        target: The target passed to the loss.
-        options: Remaining keyword arguments after normalization (``reduction``,
-            ``weight``, ``ignore_index``, ``label_smoothing``, ``pos_weight``).
-        result: The loss tensor the call returned.
+    The class implements :meth:`~secorder_hooks.losses.base.LossTerm.from_call`,
+    :meth:`~secorder_hooks.losses.base.LossTerm.check_targets` and
+    :meth:`~secorder_hooks.losses.base.LossTerm.averaged_terms`; from then on the engine
+    and the function API recognize calls of ``function`` (and of the ``nn`` modules that
+    call it).
+
+    Args:
+        function: A loss function of ``torch.nn.functional`` taking ``(input, target, ...)``
+            with positional-or-keyword parameters.
+        kind: Its likelihood, if one of :class:`~secorder_hooks.losses.kinds.LossKind`.
+        loss_type: Whether the function API's ``loss_type=kind`` computes its loss with
+            ``function`` (one function per kind).
     """
+    if loss_type and (kind is None or kind in _LOSS_TYPE_FUNCTIONS):
+        raise LossInputError(f"loss_type=True needs a kind without a loss_type function yet, got {kind!r}.")
 
-    kind: LossKind
-    input: Tensor
-    target: Tensor
-    options: dict[str, Any]
-    result: Tensor
+    def register(cls: _T) -> _T:
+        cls.function, cls.kind = function, kind
+        LOSS_FUNCTIONS[function] = cls
+        signature = inspect.signature(function)
+        _SIGNATURES[function] = signature
+        _NAMES[function] = tuple(signature.parameters)
+        _DEFAULTS[function] = {
+            name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty
+        }
+        if loss_type:
+            _LOSS_TYPE_FUNCTIONS[kind] = function
+        return cls
+
+    return register
 
 
-def make_loss_call(fn: Callable[..., Tensor], args: tuple, kwargs: dict, result: Tensor) -> LossCall:
+def loss_type_function(kind: LossKind) -> Callable[..., Tensor]:
+    """The loss function the function API's ``loss_type=kind`` computes (e.g. ``F.cross_entropy`` for NLL)."""
+    return _LOSS_TYPE_FUNCTIONS[kind]
+
+
+def make_loss_call(fn: Callable[..., Tensor], args: tuple, kwargs: dict, result: Tensor | None) -> LossCall:
     """Normalize the arguments of a call to one of :data:`LOSS_FUNCTIONS`."""
     options = _bind(fn, args, kwargs)
     # Legacy arguments resolve to a reduction exactly as PyTorch does.
     size_average, reduce = options.pop("size_average", None), options.pop("reduce", None)
     if size_average is not None or reduce is not None:
-        from torch.nn import _reduction
-
         options["reduction"] = _reduction.legacy_get_string(size_average, reduce)
     return LossCall(
-        kind=LOSS_FUNCTIONS[fn],
+        loss=LOSS_FUNCTIONS[fn],
         input=options.pop("input"),
         target=options.pop("target"),
         options=options,
@@ -82,21 +105,34 @@ def make_loss_call(fn: Callable[..., Tensor], args: tuple, kwargs: dict, result:
 
 
 def averaged_terms(call: LossCall) -> float:
-    r"""How many terms the loss of ``call`` averages over with ``reduction="mean"``: :math:`1/c`.
+    r""":math:`1/c` of ``call``: 1 for ``"sum"``, the number of averaged terms for ``"mean"``.
 
     The number of elements of the prediction for MSE and BCE, of the prediction per class
-    for cross-entropy / NLL with probability targets, and the summed class weights of the
+    for cross-entropy with probability targets, and the summed class weights of the
     non-ignored targets for class-index targets (their count without weights). Zero when
     every target is ignored.
+
+    Raises:
+        UnsupportedLossOptionError: ``reduction="none"``.
     """
-    x, y = call.input, call.target
-    categorical = call.kind in (LossKind.CROSS_ENTROPY, LossKind.NLL)
-    if not categorical or y.is_floating_point():
-        return float(x.numel() if not categorical else x.numel() // x.shape[1])
-    keep = y != call.options.get("ignore_index", -100)
-    weight = call.options.get("weight")
-    weighted = keep if weight is None else weight[y.clamp(0, weight.numel() - 1)] * keep
-    return float(weighted.sum())
+    if call.reduction is Reduction.SUM:
+        return 1.0
+    return call.loss.averaged_terms(call)
+
+
+def reduction_factor(call: LossCall) -> float:
+    r""":math:`c` in :math:`L = c \sum_n \ell_n` for one recorded loss call: ``1 / averaged_terms(call)``.
+
+    Raises:
+        UnsupportedLossOptionError: ``reduction="none"`` (the loss is not a scalar).
+        LossInputError: Every target is ignored, so the mean is undefined.
+    """
+    count = averaged_terms(call)
+    if count == 0:
+        raise LossInputError(
+            f"{call.name}: every target is ignored (ignore_index), so the mean loss and its curvature are undefined."
+        )
+    return 1.0 / count
 
 
 def _bind(fn: Callable[..., Tensor], args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -30,13 +30,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from secorder_hooks.errors import UnsupportedLossError
-from secorder_hooks.losses.base import LossInputError, LossTerm, Reduction, SqrtColumns, edge_of, signed_sqrt
+from secorder_hooks.autodiff.graph import saved_int
+from secorder_hooks.errors import LossDtypeError, LossInputError, UnsupportedLossError
+from secorder_hooks.losses.base import LossCall, LossTerm, SqrtColumns, edge_of, signed_sqrt
+from secorder_hooks.losses.calls import standard_loss
+from secorder_hooks.losses.kinds import LossKind, Reduction
 
-__all__ = ["CrossEntropyLossTerm", "NLLLossTerm", "SoftmaxLossTerm"]
+__all__ = ["CrossEntropyLossTerm", "NLLLossTerm", "SoftmaxLossTerm", "check_class_range"]
 
 
 class SoftmaxLossTerm(LossTerm):
@@ -199,6 +203,7 @@ def _check_index_target(x: Tensor, target: Tensor, name: str) -> None:
         )
 
 
+@standard_loss(F.cross_entropy, LossKind.NLL, loss_type=True)
 class CrossEntropyLossTerm(SoftmaxLossTerm):
     """``F.cross_entropy(logits, target, ...)`` as a function of the logits ``[N, C, *d]``.
 
@@ -218,7 +223,7 @@ class CrossEntropyLossTerm(SoftmaxLossTerm):
     ) -> None:
         name = "cross_entropy"
         _check_logits(logits, name)
-        red = Reduction.parse(reduction, name)
+        red = Reduction.parse(reduction, f"{name}: reduction")
         x = logits.detach()
         n_classes = x.shape[1]
         if target.is_floating_point():
@@ -240,6 +245,92 @@ class CrossEntropyLossTerm(SoftmaxLossTerm):
         nonnegative = weight is None and not target.is_floating_point()
         super().__init__(torch.softmax(x, dim=1), factors, edge_of(logits), name, nonnegative)
 
+    @classmethod
+    def from_call(cls, call: LossCall) -> CrossEntropyLossTerm:
+        """The term of a recorded ``F.cross_entropy`` call."""
+        opts = call.options
+        return cls(
+            call.input,
+            call.target,
+            weight=opts.get("weight"),
+            ignore_index=opts.get("ignore_index", -100),
+            reduction=opts.get("reduction", "mean"),
+            label_smoothing=opts.get("label_smoothing", 0.0),
+        )
+
+    @classmethod
+    def check_targets(cls, call: LossCall) -> None:
+        """Integer class indices ``[N, *d]``, or class probabilities shaped like the logits."""
+        _check_categorical_targets(call, probabilities=True)
+
+    @classmethod
+    def averaged_terms(cls, call: LossCall) -> float:
+        """Positions (``numel / C``) for probability targets, else the summed weights of the counted targets."""
+        return _categorical_terms(call)
+
+
+def _check_categorical_targets(call: LossCall, probabilities: bool) -> None:
+    """Targets of a categorical loss: see :meth:`CrossEntropyLossTerm.check_targets`."""
+    x, y, name = call.input, call.target, call.name
+    if x.dim() < 2:
+        raise LossInputError(
+            f"{name} got a prediction of shape {tuple(x.shape)}; it needs [N, C, ...] (dim 0 indexes "
+            "examples, dim 1 classes)."
+        )
+    if probabilities and y.is_floating_point():
+        if y.shape != x.shape:
+            raise LossInputError(
+                f"{name} with class probabilities needs targets of the prediction's shape "
+                f"{tuple(x.shape)}, got {tuple(y.shape)}{_batch_note(x, y)}."
+            )
+        return
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise LossDtypeError(f"{name} needs integer class-index targets (torch.long), got dtype {y.dtype}.")
+    expected = (x.shape[0], *x.shape[2:])
+    if tuple(y.shape) != expected:
+        raise LossInputError(
+            f"{name} with prediction {tuple(x.shape)} needs targets {expected}, got shape {tuple(y.shape)}"
+            f"{_batch_note(x, y)}."
+        )
+
+
+def check_class_range(call: LossCall) -> None:
+    """Class indices in ``[0, C)`` or equal to ``ignore_index`` (one reduction and one sync, more if negative).
+
+    Raises:
+        LossInputError: A class index out of range.
+    """
+    y, n_classes = call.target, call.input.shape[1]
+    if y.is_floating_point() or not y.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(y))
+    if low < 0:  # negative entries other than ignore_index?
+        counted = y[y != call.options.get("ignore_index", -100)]
+        low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
+    if low < 0 or high >= n_classes:
+        raise LossInputError(
+            f"{call.name}: class indices must lie in [0, {n_classes}) for a prediction with {n_classes} classes "
+            f"on axis 1 (or equal ignore_index); got range [{low}, {high}]."
+        )
+
+
+def _batch_note(x: Tensor, y: Tensor) -> str:
+    """A note on mismatched batch sizes (dim 0), or nothing."""
+    if y.dim() == 0 or y.shape[0] == x.shape[0]:
+        return ""
+    return f" (batch size {y.shape[0]} against {x.shape[0]}: dim 0 is the example axis)"
+
+
+def _categorical_terms(call: LossCall) -> float:
+    """:meth:`CrossEntropyLossTerm.averaged_terms` (also for ``F.nll_loss``)."""
+    x, y = call.input, call.target
+    if y.is_floating_point():
+        return float(x.numel() // x.shape[1])
+    keep = y != call.options.get("ignore_index", -100)
+    weight = call.options.get("weight")
+    weighted = keep if weight is None else weight[y.clamp(0, weight.numel() - 1)] * keep
+    return float(weighted.sum())
+
 
 def _log_softmax_edge(log_probs: Tensor, name: str) -> GradientEdge | None:
     """Edge of the input of the ``log_softmax`` over axis 1 that produced ``log_probs``."""
@@ -251,8 +342,7 @@ def _log_softmax_edge(log_probs: Tensor, name: str) -> GradientEdge | None:
             f"log_softmax over the class axis (found {found}). Use F.cross_entropy on the logits, or "
             f"apply log_softmax(dim=1) immediately before {name}."
         )
-    raw = node._saved_dim  # a negative dim is saved as an unsigned 64-bit value
-    dim = raw - 2**64 if raw >= 2**63 else raw
+    dim = saved_int(node, "_saved_dim")
     if dim % log_probs.dim() != 1:
         raise UnsupportedLossError(
             f"{name}: log_softmax was taken over dim {dim} of a {log_probs.dim()}-d input, but the classes "
@@ -262,6 +352,7 @@ def _log_softmax_edge(log_probs: Tensor, name: str) -> GradientEdge | None:
     return None if next_node is None else GradientEdge(next_node, input_nr)
 
 
+@standard_loss(F.nll_loss, LossKind.NLL)
 class NLLLossTerm(SoftmaxLossTerm):
     """``F.nll_loss(log_softmax(logits, 1), target, ...)`` as a function of the logits.
 
@@ -283,7 +374,7 @@ class NLLLossTerm(SoftmaxLossTerm):
     ) -> None:
         name = "nll_loss"
         _check_logits(log_probs, name)
-        red = Reduction.parse(reduction, name)
+        red = Reduction.parse(reduction, f"{name}: reduction")
         edge = _log_softmax_edge(log_probs, name)
         x = log_probs.detach()
         if target.is_floating_point():
@@ -291,3 +382,25 @@ class NLLLossTerm(SoftmaxLossTerm):
         _check_index_target(x, target, name)
         factors = _index_target_factors(target, x.shape[1], weight, ignore_index, red, 0.0, x.dtype)
         super().__init__(x.exp(), factors, edge, name, nonnegative=weight is None)
+
+    @classmethod
+    def from_call(cls, call: LossCall) -> NLLLossTerm:
+        """The term of a recorded ``F.nll_loss`` call."""
+        opts = call.options
+        return cls(
+            call.input,
+            call.target,
+            weight=opts.get("weight"),
+            ignore_index=opts.get("ignore_index", -100),
+            reduction=opts.get("reduction", "mean"),
+        )
+
+    @classmethod
+    def check_targets(cls, call: LossCall) -> None:
+        """Integer class indices ``[N, *d]``."""
+        _check_categorical_targets(call, probabilities=False)
+
+    @classmethod
+    def averaged_terms(cls, call: LossCall) -> float:
+        """The summed weights of the counted targets (their count without weights)."""
+        return _categorical_terms(call)

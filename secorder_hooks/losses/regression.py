@@ -12,14 +12,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from secorder_hooks.errors import UnsupportedLossError
-from secorder_hooks.losses.base import LossInputError, LossTerm, Reduction, SqrtColumns, diagonal_sqrt_columns, edge_of
+from secorder_hooks.errors import LossDtypeError, LossInputError, UnsupportedLossError
+from secorder_hooks.losses.base import LossCall, LossTerm, SqrtColumns, diagonal_sqrt_columns, edge_of
+from secorder_hooks.losses.calls import standard_loss
+from secorder_hooks.losses.kinds import LossKind, Reduction
 
-__all__ = ["MSELossTerm"]
+__all__ = ["MSELossTerm", "check_elementwise_targets"]
 
 
+@standard_loss(F.mse_loss, LossKind.MSE, loss_type=True)
 class MSELossTerm(LossTerm):
     """``F.mse_loss(input, target, reduction=..., weight=...)`` as a function of ``input`` ``[N, *f]``.
 
@@ -37,7 +41,7 @@ class MSELossTerm(LossTerm):
         weight: Tensor | None = None,
     ) -> None:
         self.name = "mse_loss"
-        red = Reduction.parse(reduction, self.name)
+        red = Reduction.parse(reduction, f"{self.name}: reduction")
         if input.dim() == 0:
             raise UnsupportedLossError(f"{self.name} on a 0-d input: pass a batch [N, *f]; dim 0 is the example axis.")
         if target.shape != input.shape:
@@ -62,6 +66,23 @@ class MSELossTerm(LossTerm):
             self.hessian_diagonal = 2.0 * c * w
         self.edge, self.shape = edge_of(input), input.shape
 
+    @classmethod
+    def from_call(cls, call: LossCall) -> MSELossTerm:
+        """The term of a recorded ``F.mse_loss`` call."""
+        opts = call.options
+        return cls(call.input, call.target, reduction=opts.get("reduction", "mean"), weight=opts.get("weight"))
+
+    @classmethod
+    def check_targets(cls, call: LossCall) -> None:
+        """Floating targets of the prediction's shape."""
+        check_elementwise_targets(call)
+
+    @classmethod
+    def averaged_terms(cls, call: LossCall) -> float:
+        r"""The elements of the prediction, or :math:`\sum_i w_i` with ``weight`` (as ``F.mse_loss`` divides)."""
+        weight = call.options.get("weight")
+        return float(call.input.numel() if weight is None else weight.sum())
+
     def sqrt_hessian(self) -> SqrtColumns:
         """``K = prod(f)`` one-hot columns ``sqrt(2 c w_k) e_k`` (``[K, N, *f]``)."""
         return diagonal_sqrt_columns(self.hessian_diagonal, nonnegative=self.uniform_factor is not None)
@@ -79,3 +100,22 @@ class MSELossTerm(LossTerm):
         if bool((h < 0).any()):
             raise UnsupportedLossError(f"{self.name}: Monte-Carlo sampling needs non-negative weights.")
         return z * (h / mc_samples).sqrt()
+
+
+def check_elementwise_targets(call: LossCall) -> None:
+    """Floating targets of the prediction's shape (no broadcasting) for an elementwise loss."""
+    x, y, name = call.input, call.target, call.name
+    if not y.is_floating_point():
+        raise LossDtypeError(
+            f"{name} needs floating-point targets, got dtype {y.dtype} (convert with target.to(input.dtype))."
+        )
+    if y.shape != x.shape:
+        note = (
+            ""
+            if y.dim() == 0 or x.dim() == 0 or y.shape[0] == x.shape[0]
+            else (f" (batch size {y.shape[0]} against {x.shape[0]}: dim 0 is the example axis)")
+        )
+        raise LossInputError(
+            f"{name} got prediction {tuple(x.shape)} and targets {tuple(y.shape)}{note}; the shapes must be equal "
+            "(PyTorch would broadcast them, which computes a different loss)."
+        )

@@ -15,13 +15,13 @@ the factors' eigenbases (:class:`EigenSums`).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from secorder_hooks.enums import ChoiceEnum
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.quantities.base import Params, PassContext, RuleMethod, RuleResults
 
@@ -51,7 +51,7 @@ class KroneckerFactors(list):
         self.mean_index = mean_index
 
 
-class WeightSharing(enum.Enum):
+class WeightSharing(ChoiceEnum):
     r"""How a Kronecker factor treats the positions ``t`` a weight is shared over.
 
     Positions are the leading axes of a Linear layer's input ``[N, *, I]`` other than
@@ -72,7 +72,7 @@ class WeightSharing(enum.Enum):
     averaged before the loss."""
 
 
-class KronFallback(enum.Enum):
+class KronFallback(ChoiceEnum):
     """What a Kronecker quantity does for a parameter whose layer has no Kronecker rule."""
 
     ERROR = "error"

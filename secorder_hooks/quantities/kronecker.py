@@ -95,15 +95,7 @@ class KroneckerQuantity(Quantity):
 
     def __post_init__(self) -> None:
         for name, kind in (("sharing", WeightSharing), ("fallback", KronFallback)):
-            value = getattr(self, name)
-            if not isinstance(value, kind):
-                try:
-                    object.__setattr__(self, name, kind(value))
-                except ValueError:
-                    choices = [m.value for m in kind]
-                    raise ValueError(
-                        f"{type(self).__name__}({name}={value!r}): expected a {kind.__name__} or one of {choices}."
-                    ) from None
+            object.__setattr__(self, name, kind.parse(getattr(self, name), f"{type(self).__name__}: {name}"))
 
     def _needs(self, columns: Columns, samples: int = 0, generator: torch.Generator | None = None) -> Needs:
         """Needs of the family: the rule's Kronecker methods unless the fallback covers modules without them."""

@@ -45,6 +45,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from secorder_hooks.autodiff.vjp import batched_grad
 from secorder_hooks.errors import ExtensionError, UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, rule_parameters, squared_norms, weighted_square_reduce
 
@@ -214,8 +215,6 @@ def graph_hessian_diagonal(
     Returns:
         One tensor per entry of ``wrt``, shaped like it.
     """
-    from secorder_hooks.engine.vjp import batched_grad  # the engine imports the rules
-
     wrt = list(wrt)
     with torch.enable_grad():
         first = torch.autograd.grad([output], wrt, [r], retain_graph=True, create_graph=True, allow_unused=True)
@@ -277,8 +276,6 @@ class ReparametrizedRule(LayerRule):
 
     def per_example_grads(self, module: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> ParamDict:
         r"""``[V, N, *p]``: the inner rule's gradients, those of effective tensors mapped by :math:`J_f^\top`."""
-        from secorder_hooks.engine.vjp import batched_grad  # the engine imports the rules
-
         values = self._values(module, inputs)
         with frozen_tensors(module, values):
             grads = dict(self.inner.per_example_grads(module, inputs, grad_output))

@@ -3,28 +3,28 @@ r"""The empirical Fisher :math:`c \sum_n \nabla \ell_n \nabla \ell_n^\top`: its 
 Engine path: one backward with :class:`~secorder_hooks.SumGradSquared` (diagonal) or
 :class:`~secorder_hooks.BatchL2Grad` (trace; Linear layers give the norms as
 :math:`\|g_n\|^2 \|x_n\|^2` without per-example gradients), divided by :math:`c`.
-Generic path: per-example gradients by batched vector-Jacobian products.
+Autograd path: per-example gradients by batched vector-Jacobian products.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from secorder_hooks.approximations._generic import per_example_gradients
-from secorder_hooks.core._engine import run_engine
-from secorder_hooks.core._fallback import ENGINE_ERRORS, Backend, FallbackWarning, current_backend, engine_supports
-from secorder_hooks.core._fallback import logger as _logger
-from secorder_hooks.core._losses import NonStandardLossError, reduction_factor, single_loss_call, the_loss_call
-from secorder_hooks.core._sync import synchronized
-from secorder_hooks.core._validation import ModelInputs, check_batch, check_scalar, zeros_like_all
 from secorder_hooks.engine.sync import SyncOption
+from secorder_hooks.errors import NonStandardLossError
+from secorder_hooks.function_api.backend import engine_or_autograd
+from secorder_hooks.function_api.engine_pass import run_engine
+from secorder_hooks.function_api.sync import synchronized
+from secorder_hooks.function_api.validation import Inputs, ModelInputs, check_batch, check_scalar, zeros_like_all
+from secorder_hooks.function_api.vector_products import per_example_gradients
+from secorder_hooks.losses.calls import reduction_factor
+from secorder_hooks.losses.recognition import single_loss_call, the_loss_call
 from secorder_hooks.quantities import BatchL2Grad, SumGradSquared
 
-__all__ = ["empirical_fisher"]
+__all__ = ["LossFn", "empirical_fisher"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -32,7 +32,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def empirical_fisher(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     *,
     trace: bool,
@@ -46,32 +46,16 @@ def empirical_fisher(
     """
 
     def compute(model: nn.Module, loss_fn: LossFn) -> list[Tensor] | Tensor:
-        return _empirical_fisher(model, loss_fn, inputs, targets, trace, create_graph, caller)
+        args = check_batch(model, inputs, targets)
+        params = list(model.parameters())
+        return engine_or_autograd(
+            caller,
+            None if create_graph else lambda: _engine(model, loss_fn, args, targets, params, trace),
+            lambda: _autograd(model, loss_fn, args, targets, params, trace, create_graph),
+            propagate=(NonStandardLossError,),
+        )
 
     return synchronized(caller, model, loss_fn, sync, compute, create_graph)
-
-
-def _empirical_fisher(
-    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, trace: bool, create_graph: bool, caller: str
-) -> list[Tensor] | Tensor:
-    args = check_batch(model, inputs, targets)
-    params = list(model.parameters())
-    if not create_graph and engine_supports(second_order=False):
-        try:
-            return _engine(model, loss_fn, args, targets, params, trace)
-        except NonStandardLossError:
-            raise
-        except ENGINE_ERRORS as err:
-            if current_backend() is Backend.ENGINE:
-                raise
-            warnings.warn(
-                FallbackWarning(
-                    f"{caller}: the engine declined ({type(err).__name__}: {err}); using the generic path."
-                ),
-                stacklevel=6,
-            )
-    _logger.debug("%s: generic path", caller)
-    return _generic(model, loss_fn, args, targets, params, trace, create_graph)
 
 
 def _engine(
@@ -87,7 +71,7 @@ def _engine(
     return [torch.zeros_like(p).detach() if v is None else v / c for v, p in zip(values, params)]
 
 
-def _generic(
+def _autograd(
     model: nn.Module,
     loss_fn: LossFn,
     args: ModelInputs,

@@ -1,8 +1,9 @@
-r"""The exact generic paths of the Fisher functions: batched vector-Jacobian products.
+r"""The exact autograd paths of the Fisher functions: batched vector-Jacobian products.
 
 Both functions below backpropagate batches of vectors from a tensor :math:`f` of the
 graph to the parameters with one vectorized ``torch.autograd.grad`` per chunk
-(:func:`~secorder_hooks.engine.vjp.batched_grad`), so they need no knowledge of the layers in between.
+(:func:`~secorder_hooks.autodiff.vjp.batched_grad`), so they need no knowledge of the layers in between
+(no layer rule: this is the "generic" backend of :mod:`secorder_hooks.function_api.backend`).
 
 * :func:`ggn_diagonal_from_columns`: every loss-Hessian square-root column restricted to
   one row of :math:`f` is one vector :math:`u`; :math:`\sum_u w_u (J^\top u)^2` is the GGN
@@ -18,6 +19,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
+
+from secorder_hooks.autodiff.vjp import batched_grad
 
 __all__ = ["ggn_diagonal_from_columns", "per_example_gradients", "row_vectors"]
 
@@ -51,8 +54,6 @@ def _chunk(total: int, per_vector: int, chunk_size: int | None) -> int:
 def _vjp(
     f: Tensor | GradientEdge, params: Sequence[Tensor], vectors: Tensor, create_graph: bool
 ) -> Sequence[Tensor | None]:
-    from secorder_hooks.engine.vjp import batched_grad
-
     return batched_grad([f], params, [vectors], create_graph)
 
 

@@ -16,10 +16,10 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
-from secorder_hooks.core._losses import record_loss_calls
 from secorder_hooks.engine.sync import Shards, Slot, SyncOption, ddp_of, scaled_loss_call, sync_group
 from secorder_hooks.errors import ExtensionError
-from secorder_hooks.losses.calls import LossCall
+from secorder_hooks.losses.base import LossCall
+from secorder_hooks.losses.recognition import record_loss_calls
 from secorder_hooks.quantities import ShardScaling
 
 __all__ = ["WatchedLoss", "synchronized", "sync_results", "unwrap"]
@@ -49,6 +49,7 @@ class WatchedLoss:
         self.examples = 0
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``loss_fn(outputs, targets)``, keeping its loss call."""
         with record_loss_calls() as calls:
             loss = self.loss_fn(outputs, targets)
         if isinstance(loss, Tensor) and loss.requires_grad:

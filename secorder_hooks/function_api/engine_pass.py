@@ -2,7 +2,10 @@
 
 The parameters' ``.grad`` and quantity attributes are restored afterwards, and active
 ``extend()`` contexts of the user are suspended during the pass, so calling a function
-of the API never changes the model's state, inside a context or not.
+of the API never changes the model's state, inside a context or not. The engine's own
+torch-function mode sees the loss calls (:mod:`secorder_hooks.losses.recognition`): the
+:func:`~secorder_hooks.losses.recognition.record_loss_calls` block below checks their
+targets and keeps them without a second mode.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from secorder_hooks.core._losses import record_loss_calls
-from secorder_hooks.core._validation import ModelInputs, check_scalar
 from secorder_hooks.engine import extend
 from secorder_hooks.engine.accumulate import WINDOW_ATTRIBUTE, clear_quantities, quantity_attributes
 from secorder_hooks.engine.session import isolated
-from secorder_hooks.losses.calls import LossCall
+from secorder_hooks.function_api.validation import ModelInputs, check_scalar
+from secorder_hooks.losses.base import LossCall
+from secorder_hooks.losses.recognition import record_loss_calls
 from secorder_hooks.quantities import Quantity
 
 __all__ = ["EngineResult", "run_engine"]
