@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secorder_hooks import BatchGrad, DiagGGNExact, DiagHessian, LayerRule, SumGradSquared, check_rule, extend
-from secorder_hooks.engine.records import CallInputs
 from secorder_hooks.rules import rule_for
 from secorder_hooks.rules.generic import GENERIC_RULE, GenericRule
+from secorder_hooks.rules.inputs import CallInputs
 from secorder_hooks.rules.layout import batch_layout_for
 from secorder_hooks.rules.linear import LinearRule
 from tests import reference

@@ -38,9 +38,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils._pytree import tree_flatten, tree_map
 
 from secorder_hooks.autodiff.graph import iter_nodes
-from secorder_hooks.engine.records import CallInputs, CallRecord, RecordStore
+from secorder_hooks.engine.records import CallRecord, RecordStore
 from secorder_hooks.errors import UnsupportedModuleError
 from secorder_hooks.rules.base import LayerRule, ParamDict, weighted_square_reduce
+from secorder_hooks.rules.inputs import CallInputs
 from secorder_hooks.rules.layout import BatchLayout, batch_layout_for, example_count
 
 __all__ = [

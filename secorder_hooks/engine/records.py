@@ -22,7 +22,9 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["CallInputs", "CallRecord", "ForwardPass", "RecordStore", "GraphOwned"]
+from secorder_hooks.rules.inputs import CallInputs
+
+__all__ = ["CallRecord", "ForwardPass", "RecordStore", "GraphOwned"]
 
 T = TypeVar("T")
 
@@ -77,39 +79,6 @@ def _holder(obj: object):
 
     hook.obj = obj  # type: ignore[attr-defined]
     return hook
-
-
-class CallInputs(tuple):
-    """The positional arguments of a module call, as a tuple, with the rest of the call.
-
-    Rules index it like the ``args`` tuple of a forward hook (``inputs[0]`` is the first
-    positional argument). The generic rule also reads:
-
-    Attributes:
-        kwargs: Keyword arguments of the call.
-        differentiable_outputs: Positions, in ``torch.utils._pytree.tree_flatten(output)``,
-            of the tensor outputs the engine backpropagates to (those requiring grad).
-        effective: For a module with reparametrized tensors, the value of each (name ->
-            tensor, with its autograd graph from the originals) that the call used
-            (:mod:`secorder_hooks.rules.reparametrized`); ``None`` otherwise.
-    """
-
-    kwargs: dict
-    differentiable_outputs: tuple[int, ...]
-    effective: dict[str, Tensor] | None
-
-    def __new__(  # noqa: D102
-        cls,
-        args: tuple,
-        kwargs: dict,
-        differentiable_outputs: tuple[int, ...],
-        effective: dict[str, Tensor] | None = None,
-    ) -> CallInputs:
-        obj = super().__new__(cls, args)
-        obj.kwargs = kwargs
-        obj.differentiable_outputs = differentiable_outputs
-        obj.effective = effective
-        return obj
 
 
 _RELEASED = CallInputs((), {}, ())

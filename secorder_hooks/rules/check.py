@@ -20,8 +20,8 @@ from torch.func import functional_call, grad, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
-from secorder_hooks.engine.records import CallInputs
 from secorder_hooks.rules.base import LayerRule, ParamDict, rule_parameters
+from secorder_hooks.rules.inputs import CallInputs
 from secorder_hooks.rules.layout import batch_layout_for
 from secorder_hooks.rules.lookup import rule_for
 
@@ -59,7 +59,7 @@ def check_rule(
     Args:
         module: The module (not modified; a float64 copy is used).
         inputs: The positional argument(s) of the call, ``[N, ...]`` (or a
-            :class:`~secorder_hooks.engine.records.CallInputs` with keyword arguments).
+            :class:`~secorder_hooks.rules.inputs.CallInputs` with keyword arguments).
         rule: The rule to check; default: the one :func:`~secorder_hooks.rules.rule_for` picks.
         atol: Absolute tolerance.
         rtol: Relative tolerance.
