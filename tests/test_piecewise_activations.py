@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import secorder_hooks as sh
-from secorder_hooks.engine import curved_ops
+from secorder_hooks.engine import curvature, curved_ops
 from tests import reference
 from tests.real_models import hardsigmoid_for_reference
 
@@ -134,3 +134,39 @@ def test_activation_without_double_backward_is_a_package_error(monkeypatch: pyte
     error = r"SiluBackward0.*cannot differentiate it twice.*DiagGGN"
     with pytest.raises(sh.UnsupportedOperationError, match=error), sh.extend(model, sh.DiagHessian()):
         F.cross_entropy(model(x), y).backward()
+
+
+class SqueezeExcitation(nn.Module):
+    """``x * hardsigmoid(fc2(hardswish(fc1(mean(x)))))``: a ``[N, C, 1, 1]`` scale broadcast over ``[N, C, H, W]``,
+    both factors depending on the convolution's parameters."""
+
+    def __init__(self, reference: bool = False) -> None:
+        super().__init__()
+        self.reference = reference
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 1), nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.conv(x))
+        s = self.fc2(F.hardswish(self.fc1(h.mean((2, 3), keepdim=True))))
+        s = hardsigmoid_for_reference(s) if self.reference else F.hardsigmoid(s)
+        return self.head((h * s).sum((2, 3)))
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1], ids=["one_block", "one_column_per_block"])
+def test_hessian_through_a_broadcast_product(monkeypatch: pytest.MonkeyPatch, block_bytes):
+    """Squeeze-excitation's product term, whole or one column per backward (the memory bound)."""
+    if block_bytes is not None:
+        monkeypatch.setattr(curvature, "RESIDUAL_BLOCK_BYTES", block_bytes)
+    torch.manual_seed(0)
+    model = SqueezeExcitation().double()
+    twin = SqueezeExcitation(reference=True).double()
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with sh.extend(model, *HESSIAN):
+        F.cross_entropy(model(x), y).backward()
+    expected = reference.hessian_diagonal(twin, F.cross_entropy, x, y)
+    per_example = reference.per_example_hessian_diagonal(twin, F.cross_entropy, x, y)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_h, expected[name], atol=1e-10, rtol=1e-8, msg=name)
+        torch.testing.assert_close(p.diag_h_batch, per_example[name], atol=1e-10, rtol=1e-8, msg=name)
