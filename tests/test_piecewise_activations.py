@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import secorder_hooks as sh
-from secorder_hooks.engine import curvature, curved_ops
+from secorder_hooks.engine import curved_ops, hessian_terms
 from tests import reference
 from tests.real_models import hardsigmoid_for_reference
 
@@ -157,7 +157,7 @@ class SqueezeExcitation(nn.Module):
 def test_hessian_through_a_broadcast_product(monkeypatch: pytest.MonkeyPatch, block_bytes):
     """Squeeze-excitation's product term, whole or one column per backward (the memory bound)."""
     if block_bytes is not None:
-        monkeypatch.setattr(curvature, "RESIDUAL_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(hessian_terms, "RESIDUAL_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     model = SqueezeExcitation().double()
     twin = SqueezeExcitation(reference=True).double()
