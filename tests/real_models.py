@@ -7,6 +7,7 @@ the calling test when a package is missing (:func:`import_transformers`,
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -39,6 +40,44 @@ def import_transformers() -> ModuleType:
     transformers = importlib.import_module("transformers")
     transformers.utils.logging.set_verbosity_error()
     return transformers
+
+
+# ----------------------------------------------------------------------------- references
+HARDSIGMOID_SLOPE = float(torch.tensor(1 / 6, dtype=torch.float32))
+"""The slope torch's ``hardsigmoid`` backward uses in every dtype: the float32 value of 1/6
+(0.1666666716...), so in float64 its gradient is 3e-8 (relative) off the exact 1/6."""
+
+
+def hardsigmoid_for_reference(a: Tensor) -> Tensor:
+    """``F.hardsigmoid(a)`` with torch's own first derivative, which autograd can differentiate twice.
+
+    torch has no double backward for ``hardsigmoid`` (nor forward-mode derivative of its
+    backward), so the brute-force Hessians cannot run through it. This has the same value
+    and the same first derivative as torch's (:data:`HARDSIGMOID_SLOPE` on :math:`(-3, 3)`,
+    0 elsewhere) and, the slope being piecewise constant, second derivative 0.
+    """
+    slope = torch.where((a > -3) & (a < 3), HARDSIGMOID_SLOPE, 0.0).to(a.dtype).detach()
+    return F.hardsigmoid(a.detach()) + (a - a.detach()) * slope
+
+
+class ReferenceHardsigmoid(nn.Module):
+    """``nn.Hardsigmoid`` computed by :func:`hardsigmoid_for_reference` (never in place)."""
+
+    def forward(self, a: Tensor) -> Tensor:
+        return hardsigmoid_for_reference(a)
+
+
+def reference_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (same parameter names, values, ``requires_grad``) whose
+    ``nn.Hardsigmoid`` modules are :class:`ReferenceHardsigmoid`; ``model`` itself if it has none."""
+    if not any(isinstance(m, nn.Hardsigmoid) for m in model.modules()):
+        return model
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, nn.Hardsigmoid):
+            parent, _, attribute = name.rpartition(".")
+            setattr(twin.get_submodule(parent), attribute, ReferenceHardsigmoid())
+    return twin
 
 
 # ----------------------------------------------------------------------------- cases

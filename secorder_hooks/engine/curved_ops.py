@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from secorder_hooks.errors import UnsupportedOperationError
+
 __all__ = [
     "AFFINE",
     "MULTILINEAR",
@@ -46,12 +48,18 @@ PIECEWISE_LINEAR = frozenset(
         "ThresholdBackward1",
         "LeakyReluBackward0",
         "LeakyReluBackward1",
-        "HardtanhBackward0",
+        "HardtanhBackward0",  # also F.relu6 / nn.ReLU6, in place or not
         "HardtanhBackward1",
+        "HardsigmoidBackward0",  # relu6(a + 3) / 6, in place or not
+        "HardshrinkBackward0",
+        "SoftshrinkBackward0",
         "AbsBackward0",
     }
 )
-"""Unary elementwise nodes that are piecewise linear (zero second derivative almost everywhere)."""
+"""Unary elementwise nodes that are piecewise linear (zero second derivative almost everywhere).
+
+At a kink the second derivative is taken as zero, as torch's own double backward of
+these operations does (where it has one; ``hardsigmoid`` has none)."""
 
 AFFINE = (
     frozenset(
@@ -177,14 +185,54 @@ def _from_result(fn: Callable[[Tensor], Tensor]) -> Callable[[Node], Tensor]:
     return lambda node: fn(node._saved_result)
 
 
+def _from_input(fn: Callable[[Tensor], Tensor]) -> Callable[[Node], Tensor]:
+    return lambda node: fn(node._saved_self)
+
+
+def _hardswish(a: Tensor) -> Tensor:
+    r""":math:`\phi''` of :math:`\phi(a) = a\,\mathrm{relu6}(a + 3) / 6`: :math:`1/3` on :math:`(-3, 3)`, else 0.
+
+    Piecewise quadratic: :math:`(a^2 + 3a) / 6` on :math:`(-3, 3)`, :math:`0` below,
+    :math:`a` above. At :math:`\pm 3` torch's own double backward also gives 0.
+    """
+    inside = (a > -3) & (a < 3)
+    return torch.where(inside, torch.full_like(a, 1 / 3), torch.zeros_like(a))
+
+
+def _elu_from_result(node: Node) -> Tensor:
+    r""":math:`\phi''` of an in-place ``elu`` / ``selu`` / ``celu`` from its saved result :math:`y`.
+
+    :math:`y = s\,a` for :math:`a > 0` and :math:`y = s \alpha (e^{\beta a} - 1)` otherwise
+    (scale :math:`s`, input scale :math:`\beta`); so :math:`\phi''(a) = \beta^2 (y + s\alpha)`
+    where :math:`y \le 0` and 0 where :math:`y > 0` (in-place ``elu`` requires :math:`\alpha \ge 0`).
+    """
+    y = node._saved_result
+    alpha = float(node._saved_alpha)
+    scale = float(getattr(node, "_saved_scale", 1.0))
+    beta = float(getattr(node, "_saved_input_scale", 1.0 / alpha if node_name(node).startswith("Celu") else 1.0))
+    return torch.where(y > 0, torch.zeros_like(y), beta**2 * (y + scale * alpha))
+
+
 def _by_autograd(phi: Callable[[Node, Tensor], Tensor]) -> Callable[[Node], Tensor]:
-    r""":math:`\phi''(a)` of an elementwise function re-evaluated at the saved input."""
+    r""":math:`\phi''(a)` of an elementwise function re-evaluated at the saved input.
+
+    Raises:
+        UnsupportedOperationError: torch cannot differentiate the function twice (for
+            this input's dtype or device).
+    """
 
     def second(node: Node) -> Tensor:
-        with torch.enable_grad():
-            a = node._saved_self.detach().requires_grad_(True)
-            (first,) = torch.autograd.grad(phi(node, a).sum(), a, create_graph=True)
-            (result,) = torch.autograd.grad(first.sum(), a, allow_unused=True)
+        try:
+            with torch.enable_grad():
+                a = node._saved_self.detach().requires_grad_(True)
+                (first,) = torch.autograd.grad(phi(node, a).sum(), a, create_graph=True)
+                (result,) = torch.autograd.grad(first.sum(), a, allow_unused=True)
+        except (RuntimeError, NotImplementedError) as error:
+            raise UnsupportedOperationError(
+                f"the exact Hessian needs the second derivative of the elementwise operation {node_name(node)}, and "
+                f"torch cannot differentiate it twice here ({str(error).strip().splitlines()[0]}). Replace the "
+                "activation by one with a second derivative, or use DiagGGNExact (no second derivative needed)."
+            ) from error
         return torch.zeros_like(a) if result is None else result.detach()
 
     return second
@@ -203,11 +251,12 @@ ELEMENTWISE: dict[str, Callable[[Node], Tensor]] = {
     "EluBackward0": _by_autograd(
         lambda n, a: torch.ops.aten.elu(a, n._saved_alpha, n._saved_scale, n._saved_input_scale)
     ),
+    "EluBackward1": _elu_from_result,  # in-place elu / selu
     "CeluBackward0": _by_autograd(lambda n, a: F.celu(a, n._saved_alpha)),
+    "CeluBackward1": _elu_from_result,  # in-place celu
     "SoftplusBackward0": _by_autograd(lambda n, a: F.softplus(a, n._saved_beta, n._saved_threshold)),
     "LogSigmoidBackward0": _by_autograd(lambda n, a: F.logsigmoid(a)),
-    "HardswishBackward0": _by_autograd(lambda n, a: F.hardswish(a)),
-    "HardsigmoidBackward0": _by_autograd(lambda n, a: F.hardsigmoid(a)),
+    "HardswishBackward0": _from_input(_hardswish),  # in place or not
     "LogBackward0": _by_autograd(lambda n, a: torch.log(a)),
     "SinBackward0": _by_autograd(lambda n, a: torch.sin(a)),
     "CosBackward0": _by_autograd(lambda n, a: torch.cos(a)),
