@@ -1,6 +1,6 @@
 """Root pytest configuration: optional packages made importable, doctests of missing extras skipped.
 
-Loaded before any test module: torchvision is imported here (see :mod:`tests.torchvision_cpu`)
+Loaded before any test module: torchvision is imported here (see :mod:`tests.support.torchvision_cpu`)
 so that packages which import it themselves (laplace-torch through torchmetrics,
 transformers) find it working.
 """
@@ -15,7 +15,7 @@ ROOT = str(Path(__file__).resolve().parent)
 if ROOT not in sys.path:  # the tests import their helpers as ``tests.*`` (--import-mode=importlib)
     sys.path.insert(0, ROOT)
 
-from tests.torchvision_cpu import load_torchvision  # noqa: E402
+from tests.support.torchvision_cpu import load_torchvision  # noqa: E402
 
 load_torchvision()
 

@@ -205,7 +205,7 @@ def _gpt2(vocab: int) -> nn.Module:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.real_models import import_transformers  # the torchvision import shim, where needed
+    from tests.support.real_models import import_transformers  # the torchvision import shim, where needed
 
     transformers = import_transformers()
     config = transformers.GPT2Config(
@@ -220,7 +220,7 @@ def _resnet18(classes: int) -> nn.Module:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.real_models import import_torchvision
+    from tests.support.real_models import import_torchvision
 
     return import_torchvision().models.resnet18(num_classes=classes)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import secorder_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.torchvision_cpu import load_torchvision
+from tests.support.torchvision_cpu import load_torchvision
 
-load_torchvision()  # laplace-torch imports torchvision (through torchmetrics): see tests/torchvision_cpu.py
+load_torchvision()  # laplace-torch imports torchvision (through torchmetrics): see tests/support/torchvision_cpu.py
 
 project = "secorder_hooks"
 author = "secorder_hooks developers"

@@ -6,7 +6,7 @@ A regression MLP fitted to noisy samples of ``sin(2x)`` on ``[-2, 2]``; laplace-
 level known (0.1), the prior precision fitted by the marginal likelihood. The predictive standard deviation of the
 linearized model grows away from the data. Run ``python examples/laplace_uncertainty.py``
 (needs ``laplace-torch`` and ``matplotlib``) to draw ``docs/images/laplace_uncertainty.png``;
-``tests/test_laplace_backend.py`` runs it too.
+``tests/integrations/test_laplace_backend.py`` runs it too.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ import importlib, json, sys, traceback, warnings
 warnings.simplefilter("ignore")
 import torch  # loaded once; the package's modules are reloaded for each module below
 sys.path.insert(0, {str(ROOT.parent)!r})
-from tests.torchvision_cpu import load_torchvision  # as the root conftest.py: laplace-torch imports torchvision
+from tests.support.torchvision_cpu import load_torchvision  # as the root conftest.py: laplace-torch imports torchvision
 load_torchvision()
 failed = {{}}
 for name in {modules!r}:

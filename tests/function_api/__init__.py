@@ -1,0 +1,1 @@
+"""Tests of the documented function API."""

@@ -1,0 +1,1 @@
+"""Real models from their libraries' constructors (transformers, torchvision, RNNs)."""
