@@ -111,7 +111,7 @@ class Session:
                 continue  # its parameters are originals of the parametrized module
             if reparams := reparametrizations(module):
                 self.reparametrized[module] = reparams
-            rule = rule_for(module)
+            rule = rule_for(module, reparams)
             owned = rule_parameters(rule, module)
             if owned:
                 self.rules[module], self.owned[module] = rule, owned

@@ -390,7 +390,16 @@ class ReparametrizedRule(LayerRule):
         return f"ReparametrizedRule({self.inner!r}, {[rp.name for rp in self.reparams]})"
 
 
-def wrap_reparametrized(module: nn.Module, rule: LayerRule) -> LayerRule:
-    """``rule``, wrapped in a :class:`ReparametrizedRule` if ``module`` has reparametrized tensors."""
-    reparams = reparametrizations(module)
+def wrap_reparametrized(
+    module: nn.Module, rule: LayerRule, reparams: tuple[Reparametrization, ...] | None = None
+) -> LayerRule:
+    """``rule``, wrapped in a :class:`ReparametrizedRule` if ``module`` has reparametrized tensors.
+
+    Args:
+        module: The module.
+        rule: Its rule for the effective tensors.
+        reparams: ``reparametrizations(module)`` if the caller has it already (``None``: found here).
+    """
+    if reparams is None:
+        reparams = reparametrizations(module)
     return ReparametrizedRule(rule, reparams) if reparams else rule
