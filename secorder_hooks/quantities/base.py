@@ -292,9 +292,12 @@ def _bump_generation() -> None:
     _GENERATION[0] += 1
 
 
-def _subclass_deleted(ref: weakref.ref[type]) -> None:
-    _SUBCLASS_REFS.discard(ref)
-    _bump_generation()
+def _subclass_deleted(
+    ref: weakref.ref[type], refs: set[weakref.ref[type]] = _SUBCLASS_REFS, generation: list[int] = _GENERATION
+) -> None:
+    # bound as defaults: the callback may run while the interpreter tears this module down
+    refs.discard(ref)
+    generation[0] += 1
 
 
 class Quantity:
