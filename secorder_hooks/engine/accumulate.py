@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from secorder_hooks.engine.session import Session
 from secorder_hooks.errors import ExtensionError
 from secorder_hooks.quantities import Accumulation, Quantity
+from secorder_hooks.quantities.base import subclass_generation
 
 __all__ = ["PassValues", "Window", "WINDOW_ATTRIBUTE", "clear_quantities", "quantity_attributes"]
 
@@ -49,15 +50,28 @@ WINDOW_ATTRIBUTE = "_secorder_hooks_window"
 """Attribute of a parameter holding its :class:`_ParamWindow`."""
 
 
+_ATTRIBUTES_CACHE: list[tuple[int, frozenset[str]]] = []
+"""``(subclass_generation(), attribute names)`` of the last walk of the subclasses."""
+
+
 def quantity_attributes() -> frozenset[str]:
-    """The attribute names of every :class:`~secorder_hooks.quantities.Quantity` subclass defined so far."""
+    """The attribute names of every :class:`~secorder_hooks.quantities.Quantity` subclass defined so far.
+
+    Walks the subclasses again only when one was defined or deleted since the last call
+    (:func:`~secorder_hooks.quantities.base.subclass_generation`); a subclass's ``attribute``
+    is a class constant, read when the walk runs.
+    """
+    generation = subclass_generation()
+    if _ATTRIBUTES_CACHE and _ATTRIBUTES_CACHE[0][0] == generation:
+        return _ATTRIBUTES_CACHE[0][1]
     names, todo = set(), list(Quantity.__subclasses__())
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
         if isinstance(getattr(cls, "attribute", None), str):
             names.add(cls.attribute)
-    return frozenset(names)
+    _ATTRIBUTES_CACHE[:] = [(generation, frozenset(names))]
+    return _ATTRIBUTES_CACHE[0][1]
 
 
 def clear_quantities(parameters: nn.Module | Iterable[Tensor]) -> None:

@@ -100,18 +100,19 @@ class Session:
         self.rules: dict[nn.Module, LayerRule] = {}
         self.owned: dict[nn.Module, dict[str, nn.Parameter]] = {}
         """Rule and covered trainable parameters of every module that has any."""
-        inside_parametrizations = parametrization_modules(model)
+        named_modules = list(model.named_modules())
+        inside_parametrizations = parametrization_modules(module for _, module in named_modules)
         self.reparametrized: dict[nn.Module, tuple[Reparametrization, ...]] = {}
         """Modules with reparametrized tensors, whose rules cover the originals."""
         self.latest_effective: dict[tuple[int, str], Tensor] = {}
         """``(id(module), name) ->`` the last value of each parametrization evaluated."""
-        for module_name, module in model.named_modules():
+        for module_name, module in named_modules:
             self.module_names.setdefault(module, module_name)
             if module in inside_parametrizations:
                 continue  # its parameters are originals of the parametrized module
             if reparams := reparametrizations(module):
                 self.reparametrized[module] = reparams
-            rule = rule_for(module)
+            rule = rule_for(module, reparams)
             owned = rule_parameters(rule, module)
             if owned:
                 self.rules[module], self.owned[module] = rule, owned

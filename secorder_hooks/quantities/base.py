@@ -16,6 +16,7 @@ the pass). This module depends on ``torch`` and :mod:`secorder_hooks.errors` onl
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -272,6 +273,33 @@ class _NoValues:
         return {}
 
 
+_GENERATION = [0]
+"""Incremented whenever a :class:`Quantity` subclass is defined or deleted."""
+_SUBCLASS_REFS: set[weakref.ref[type]] = set()
+"""Weak references to every subclass, whose callbacks count deletions."""
+
+
+def subclass_generation() -> int:
+    """A number that changes whenever a :class:`Quantity` subclass is defined or garbage-collected.
+
+    Lets a cache of something computed from ``Quantity``'s subclasses (their attribute names)
+    know when to recompute it.
+    """
+    return _GENERATION[0]
+
+
+def _bump_generation() -> None:
+    _GENERATION[0] += 1
+
+
+def _subclass_deleted(
+    ref: weakref.ref[type], refs: set[weakref.ref[type]] = _SUBCLASS_REFS, generation: list[int] = _GENERATION
+) -> None:
+    # bound as defaults: the callback may run while the interpreter tears this module down
+    refs.discard(ref)
+    generation[0] += 1
+
+
 class Quantity:
     """Base class of the quantities; subclasses are small frozen dataclasses.
 
@@ -292,6 +320,12 @@ class Quantity:
     order: ClassVar[Order]
     accumulation: ClassVar[Accumulation] = Accumulation.SUM
     shard_scaling: ClassVar[ShardScaling | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Count the new subclass, and its deletion, in :func:`subclass_generation`."""
+        super().__init_subclass__(**kwargs)
+        _bump_generation()
+        _SUBCLASS_REFS.add(weakref.ref(cls, _subclass_deleted))
 
     @property
     def needs(self) -> Needs:

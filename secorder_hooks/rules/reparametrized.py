@@ -35,7 +35,7 @@ by one-hot Hessian-vector products through that graph (:func:`graph_hessian_diag
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -121,13 +121,17 @@ def reparametrizations(module: nn.Module) -> tuple[Reparametrization, ...]:
     return tuple(found)
 
 
-def parametrization_modules(model: nn.Module) -> set[nn.Module]:
-    """Every :class:`~torch.nn.utils.parametrize.ParametrizationList` of ``model`` and the modules inside it.
+def parametrization_modules(modules: Iterable[nn.Module]) -> set[nn.Module]:
+    """Every :class:`~torch.nn.utils.parametrize.ParametrizationList` of ``modules`` and the modules inside it.
 
     Their parameters are originals of the module they parametrize, whose rule covers them.
+
+    Args:
+        modules: Every module of the model (``model.modules()``; a list the caller walks again
+            saves a second walk of the module tree).
     """
     inside: set[nn.Module] = set()
-    for module in model.modules():
+    for module in modules:
         if _is_parametrized(module):
             for plist in module.parametrizations.values():
                 inside.update(plist.modules())
@@ -390,7 +394,16 @@ class ReparametrizedRule(LayerRule):
         return f"ReparametrizedRule({self.inner!r}, {[rp.name for rp in self.reparams]})"
 
 
-def wrap_reparametrized(module: nn.Module, rule: LayerRule) -> LayerRule:
-    """``rule``, wrapped in a :class:`ReparametrizedRule` if ``module`` has reparametrized tensors."""
-    reparams = reparametrizations(module)
+def wrap_reparametrized(
+    module: nn.Module, rule: LayerRule, reparams: tuple[Reparametrization, ...] | None = None
+) -> LayerRule:
+    """``rule``, wrapped in a :class:`ReparametrizedRule` if ``module`` has reparametrized tensors.
+
+    Args:
+        module: The module.
+        rule: Its rule for the effective tensors.
+        reparams: ``reparametrizations(module)`` if the caller has it already (``None``: found here).
+    """
+    if reparams is None:
+        reparams = reparametrizations(module)
     return ReparametrizedRule(rule, reparams) if reparams else rule

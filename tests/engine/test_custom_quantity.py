@@ -7,6 +7,7 @@ quantities by what they declare, not by their class.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -214,3 +215,26 @@ def test_custom_quantity_needing_a_missing_rule_method_raises_at_extend() -> Non
     expected = r"NeedsKronecker: module '1' \(LayerNorm\).*kronecker"
     with pytest.raises(sh.UnsupportedModuleError, match=expected), sh.extend(model, NeedsKronecker()):
         pass
+
+
+def test_quantity_attributes_follow_subclasses_defined_and_deleted() -> None:
+    """The cached attribute names see a quantity defined after the first look, and forget it once it is gone."""
+    from secorder_hooks.engine.accumulate import quantity_attributes
+
+    gc.collect()  # quantities defined by earlier tests and no longer referenced go first
+    before = quantity_attributes()
+    assert "grad_batch" in before and "_probe_quantity" not in before
+
+    class Probe(sh.Quantity):
+        attribute: ClassVar[str] = "_probe_quantity"
+        order: ClassVar[Order] = Order.FIRST
+
+    assert quantity_attributes() == before | {"_probe_quantity"}
+    model = nn.Linear(3, 2)
+    model.weight._probe_quantity = torch.ones(1)
+    sh.clear_quantities(model)  # removes every quantity attribute, the new one included
+    assert not hasattr(model.weight, "_probe_quantity")
+
+    del Probe
+    gc.collect()
+    assert quantity_attributes() == before
