@@ -13,10 +13,13 @@ from tests.support.real_models import REAL, SLOW, make, reference_twin
 FIRST_ORDER = (sh.BatchGrad(), sh.SumGradSquared(), sh.BatchL2Grad(), sh.Variance())
 GGN = (sh.DiagGGNExact(), sh.BatchDiagGGNExact())
 HESSIAN = (sh.DiagHessian(), sh.BatchDiagHessian())
-NAMES = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in REAL]
+# The CNNs' slow cases take minutes each: marked ``exhaustive`` as well, run by hand
+# (``pytest -m exhaustive``), not by CI.
+HEAVY = (pytest.mark.slow, pytest.mark.exhaustive)
+NAMES = [pytest.param(name, marks=HEAVY) if name in SLOW else name for name in REAL]
 REDUCTIONS = ["mean", "sum"]
 MC_SLOW = SLOW | {"resnet18"}  # 32 runs of the engine
-MC_NAMES = [pytest.param(name, marks=pytest.mark.slow) if name in MC_SLOW else name for name in REAL]
+MC_NAMES = [pytest.param(name, marks=HEAVY) if name in MC_SLOW else name for name in REAL]
 # The parameters kept trainable for the Hessian brute force of the CNNs (one column per entry).
 # The engine's cost is one backward per element of every curved activation (Hardswish, SiLU,
 # sigmoid, squeeze-excitation products) above a trainable parameter, down to it: mobilenet's
@@ -28,7 +31,7 @@ HESSIAN_SUBSETS = {
     "mobilenet_v3_small": ("features.1.block.1.fc1.bias", "classifier.3.bias"),
     "efficientnet_b0": ("features.6.3.block.2.fc1.bias", "classifier.1.bias"),
 }
-HESSIAN_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in HESSIAN_SUBSETS else p for n, p in zip(REAL, NAMES)]
+HESSIAN_NAMES = [pytest.param(n, marks=HEAVY) if n in HESSIAN_SUBSETS else p for n, p in zip(REAL, NAMES)]
 
 
 def close(actual, expected, name):
