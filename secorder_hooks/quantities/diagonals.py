@@ -100,46 +100,55 @@ class HessianDiagonals(Diagonals):
 
 
 @dataclass(frozen=True)
-class DiagGGNExact(Quantity):
-    r"""Diagonal of :math:`G = c \sum_n J_n^\top (\partial^2 \ell_n / \partial f_n^2) J_n`."""
+class _CurvatureDiagonal(Quantity):
+    """A diagonal of the columns' weighted squared sum, summed or per example: the declarations below.
 
-    attribute: ClassVar[str] = "diag_ggn_exact"
+    Subclasses set :attr:`columns`, :attr:`per_example` and :attr:`sink_type`; the per-example
+    ones keep the example axis (``[N, *p.shape]``) and are undefined when the loss couples
+    the examples.
+    """
+
     order: ClassVar[Order] = Order.SECOND
     shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
+    columns: ClassVar[Columns]
+    per_example: ClassVar[bool] = False
+    sink_type: ClassVar[type[Diagonals]] = Diagonals
 
     @property
     def needs(self) -> Needs:
-        """The exact loss-Hessian square-root columns."""
-        return Needs(Columns.EXACT, rule_methods=_SQUARED_SUM)
-
-    def sink(self) -> Sink:
-        """Summed :class:`Diagonals`."""
-        return Diagonals(per_example=False)
-
-
-@dataclass(frozen=True)
-class BatchDiagGGNExact(Quantity):
-    """Example ``n``'s term of :class:`DiagGGNExact`, shape ``[N, *p.shape]``."""
-
-    attribute: ClassVar[str] = "diag_ggn_exact_batch"
-    order: ClassVar[Order] = Order.SECOND
-    accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
-    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
-
-    @property
-    def needs(self) -> Needs:
-        """The exact columns, per example."""
+        """:attr:`columns`, by the weighted squared sum (per example if :attr:`per_example`)."""
         return Needs(
-            Columns.EXACT, per_example=True, rule_methods=_SQUARED_SUM, undefined_when_coupled=_PER_EXAMPLE_CURVATURE
+            self.columns,
+            per_example=self.per_example,
+            rule_methods=_SQUARED_SUM,
+            undefined_when_coupled=_PER_EXAMPLE_CURVATURE if self.per_example else None,
         )
 
     def sink(self) -> Sink:
-        """Per-example :class:`Diagonals`."""
-        return Diagonals(per_example=True)
+        """A :attr:`sink_type` sink, per example if :attr:`per_example`."""
+        return self.sink_type(per_example=self.per_example)
 
 
 @dataclass(frozen=True)
-class DiagGGNMC(Quantity):
+class DiagGGNExact(_CurvatureDiagonal):
+    r"""Diagonal of :math:`G = c \sum_n J_n^\top (\partial^2 \ell_n / \partial f_n^2) J_n`."""
+
+    attribute: ClassVar[str] = "diag_ggn_exact"
+    columns: ClassVar[Columns] = Columns.EXACT
+
+
+@dataclass(frozen=True)
+class BatchDiagGGNExact(_CurvatureDiagonal):
+    """Example ``n``'s term of :class:`DiagGGNExact`, shape ``[N, *p.shape]``."""
+
+    attribute: ClassVar[str] = "diag_ggn_exact_batch"
+    accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
+    columns: ClassVar[Columns] = Columns.EXACT
+    per_example: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class DiagGGNMC(_CurvatureDiagonal):
     r"""Unbiased Monte-Carlo estimate of the diagonal of the GGN / exact Fisher.
 
     For each of ``mc_samples`` draws :math:`\hat y_n \sim p(y \mid f_n)` from the model's
@@ -156,8 +165,7 @@ class DiagGGNMC(Quantity):
     generator: torch.Generator | None = field(default=None, compare=False)
 
     attribute: ClassVar[str] = "diag_ggn_mc"
-    order: ClassVar[Order] = Order.SECOND
-    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
+    columns: ClassVar[Columns] = Columns.SAMPLED
 
     def __post_init__(self) -> None:
         if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
@@ -166,47 +174,24 @@ class DiagGGNMC(Quantity):
     @property
     def needs(self) -> Needs:
         """``mc_samples`` sampled columns per example."""
-        return Needs(Columns.SAMPLED, rule_methods=_SQUARED_SUM, samples=self.mc_samples, generator=self.generator)
-
-    def sink(self) -> Sink:
-        """Summed :class:`Diagonals`."""
-        return Diagonals(per_example=False)
+        return Needs(self.columns, rule_methods=_SQUARED_SUM, samples=self.mc_samples, generator=self.generator)
 
 
 @dataclass(frozen=True)
-class DiagHessian(Quantity):
+class DiagHessian(_CurvatureDiagonal):
     """Diagonal of the exact Hessian of the loss as computed (what ``torch.func.hessian`` gives)."""
 
     attribute: ClassVar[str] = "diag_h"
-    order: ClassVar[Order] = Order.SECOND
-    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
-
-    @property
-    def needs(self) -> Needs:
-        """The exact columns and the second-order terms of the curved operations."""
-        return Needs(Columns.HESSIAN, rule_methods=_SQUARED_SUM)
-
-    def sink(self) -> Sink:
-        """Summed :class:`HessianDiagonals`."""
-        return HessianDiagonals(per_example=False)
+    columns: ClassVar[Columns] = Columns.HESSIAN
+    sink_type: ClassVar[type[Diagonals]] = HessianDiagonals
 
 
 @dataclass(frozen=True)
-class BatchDiagHessian(Quantity):
+class BatchDiagHessian(_CurvatureDiagonal):
     """Example ``n``'s term of :class:`DiagHessian`, shape ``[N, *p.shape]``."""
 
     attribute: ClassVar[str] = "diag_h_batch"
-    order: ClassVar[Order] = Order.SECOND
     accumulation: ClassVar[Accumulation] = Accumulation.CONCATENATE
-    shard_scaling: ClassVar[ShardScaling | None] = ShardScaling(1)
-
-    @property
-    def needs(self) -> Needs:
-        """The exact columns and second-order terms, per example."""
-        return Needs(
-            Columns.HESSIAN, per_example=True, rule_methods=_SQUARED_SUM, undefined_when_coupled=_PER_EXAMPLE_CURVATURE
-        )
-
-    def sink(self) -> Sink:
-        """Per-example :class:`HessianDiagonals`."""
-        return HessianDiagonals(per_example=True)
+    columns: ClassVar[Columns] = Columns.HESSIAN
+    per_example: ClassVar[bool] = True
+    sink_type: ClassVar[type[Diagonals]] = HessianDiagonals
