@@ -13,13 +13,33 @@ from tests.support.real_models import REAL, SLOW, make, reference_twin
 FIRST_ORDER = (sh.BatchGrad(), sh.SumGradSquared(), sh.BatchL2Grad(), sh.Variance())
 GGN = (sh.DiagGGNExact(), sh.BatchDiagGGNExact())
 HESSIAN = (sh.DiagHessian(), sh.BatchDiagHessian())
-# The CNNs' slow cases take minutes each: marked ``exhaustive`` as well, run by hand
-# (``pytest -m exhaustive``), not by CI.
-HEAVY = (pytest.mark.slow, pytest.mark.exhaustive)
-NAMES = [pytest.param(name, marks=HEAVY) if name in SLOW else name for name in REAL]
-REDUCTIONS = ["mean", "sum"]
-MC_SLOW = SLOW | {"resnet18"}  # 32 runs of the engine
-MC_NAMES = [pytest.param(name, marks=HEAVY) if name in MC_SLOW else name for name in REAL]
+REDUCTIONS = ("mean", "sum")
+SLOW_MARKS = (pytest.mark.slow,)
+# The heaviest cases (2 to 8 minutes each on 2 cores) are also marked ``exhaustive``: run by
+# hand (``pytest -m exhaustive``), not by CI. CI's slow run keeps every CNN's first-order and
+# GGN cases, mobilenet's Monte-Carlo case and resnet18's Hessian case with the mean reduction
+# (the reductions differ by the factor c, which the fast models test for every quantity).
+HEAVY_MARKS = (pytest.mark.slow, pytest.mark.exhaustive)
+
+
+def cases(
+    slow: frozenset[str] = frozenset(), heavy: frozenset[str] = frozenset(), heavy_sum: frozenset[str] = frozenset()
+) -> list:
+    """``(name, reduction)`` of every real model: those in ``slow`` marked slow, those in ``heavy``
+    marked heavy, and those in ``heavy_sum`` slow with ``"mean"`` and heavy with ``"sum"``."""
+    params = []
+    for name in REAL:
+        for reduction in REDUCTIONS:
+            if name in heavy or (name in heavy_sum and reduction == "sum"):
+                marks = HEAVY_MARKS
+            elif name in slow or name in heavy_sum:
+                marks = SLOW_MARKS
+            else:
+                marks = ()
+            params.append(pytest.param(name, reduction, marks=marks, id=f"{name}-{reduction}"))
+    return params
+
+
 # The parameters kept trainable for the Hessian brute force of the CNNs (one column per entry).
 # The engine's cost is one backward per element of every curved activation (Hardswish, SiLU,
 # sigmoid, squeeze-excitation products) above a trainable parameter, down to it: mobilenet's
@@ -31,7 +51,9 @@ HESSIAN_SUBSETS = {
     "mobilenet_v3_small": ("features.1.block.1.fc1.bias", "classifier.3.bias"),
     "efficientnet_b0": ("features.6.3.block.2.fc1.bias", "classifier.1.bias"),
 }
-HESSIAN_NAMES = [pytest.param(n, marks=HEAVY) if n in HESSIAN_SUBSETS else p for n, p in zip(REAL, NAMES)]
+FIRST_ORDER_CASES = cases(slow=frozenset(SLOW))
+MC_CASES = cases(heavy=frozenset({"resnet18", "efficientnet_b0"}), heavy_sum=frozenset({"mobilenet_v3_small"}))
+HESSIAN_CASES = cases(heavy=frozenset({"mobilenet_v3_small", "efficientnet_b0"}), heavy_sum=frozenset({"resnet18"}))
 
 
 def close(actual, expected, name):
@@ -42,8 +64,7 @@ def trainable(case):
     return [(k, p) for k, p in case.model.named_parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "reduction"), FIRST_ORDER_CASES)
 def test_first_order(name, reduction):
     case = make(name)
     case.run(*FIRST_ORDER, reduction=reduction)
@@ -58,8 +79,7 @@ def test_first_order(name, reduction):
         close(p.variance, g.var(0, unbiased=False), k)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "reduction"), FIRST_ORDER_CASES)
 def test_ggn(name, reduction):
     case = make(name)
     case.run(*GGN, reduction=reduction)
@@ -93,8 +113,7 @@ class Moments:
         return (self.m2 / (self.count - 1) / self.count) ** 0.5
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("name", MC_NAMES)
+@pytest.mark.parametrize(("name", "reduction"), MC_CASES)
 def test_monte_carlo_ggn_in_expectation(name, reduction):
     """DiagGGNMC averaged over 32 runs of 4 samples (fixed generator) against the brute-force GGN.
 
@@ -139,8 +158,7 @@ def test_monte_carlo_ggn_in_expectation(name, reduction):
     assert tested >= len(entries) // 2
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("name", HESSIAN_NAMES)
+@pytest.mark.parametrize(("name", "reduction"), HESSIAN_CASES)
 def test_hessian(name, reduction):
     case = make(name)
     if case.hessian is not None:
