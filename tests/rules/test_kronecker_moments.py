@@ -111,3 +111,13 @@ def test_patch_rows_padding_matches_the_module():
     rows = patch_rows(module, x)  # [G, I, N, P]
     out = torch.einsum("oi,inp->nop", module.weight.flatten(1), rows[0]) + module.bias[:, None]
     torch.testing.assert_close(out, module(x).flatten(2), rtol=1e-12, atol=1e-12)
+
+
+def test_patch_rows_of_a_channels_last_input():
+    """The view follows the input's strides: a channels-last input gives the same patches."""
+    torch.manual_seed(4)
+    module = nn.Conv2d(3, 4, 3, padding=1, dilation=2, groups=1).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    rows = patch_rows(module, x.to(memory_format=torch.channels_last))
+    assert torch.equal(rows, patch_rows(module, x))
+    torch.testing.assert_close(rows.permute(2, 0, 3, 1), reference_patches(module, x), rtol=0, atol=1e-14)
