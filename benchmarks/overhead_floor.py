@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import warnings
 from collections.abc import Callable
 
 import torch
 from ours import OurQuantity, engine_step, plain_step
+from peers import Peer, methods_for
 from problems import Problem, ProblemName, make_problem
 from timing import THREADS, machine_description, reset_parameters, setup_torch, time_interleaved
 from torch import Tensor, nn
@@ -102,20 +102,11 @@ def _hooks_kept(problem: Problem, arithmetic: bool) -> Step:
 
 
 def _backpack_step(problem: Problem) -> Step | None:
+    """BackPACK's ``BatchL2Grad`` step (the adapter of :mod:`peers`), ``None`` without BackPACK."""
     try:
-        import backpack
-        from backpack.extensions import BatchL2Grad
+        return methods_for([Peer.BACKPACK], [OurQuantity.BATCH_L2_GRAD])[0].build(problem).step
     except ImportError:
         return None
-    model, loss_fn = backpack.extend(problem.model), backpack.extend(problem.loss_fn)
-
-    def step() -> None:
-        reset_parameters(model, ["batch_l2"])
-        with backpack.backpack(BatchL2Grad()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's full-backward-hook notice on the input layer
-            loss_fn(model(problem.inputs), problem.targets).backward()
-
-    return step
 
 
 def measure(name: ProblemName, reps: int, min_time: float) -> tuple[float, dict[str, str]]:
