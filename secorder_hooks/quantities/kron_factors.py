@@ -180,8 +180,7 @@ class KronSums:
             b_total = b if b_total is None else b_total + b
         assert b_total is not None
         if a_total is None:  # a bias: B times the summed moment of the constant coordinate, one per call
-            # a new tensor: the weight's factor holds the same B
-            scaled = b_total.clone() if len(parts) == 1 else b_total * len(parts)
+            scaled = b_total * len(parts)  # a new tensor: the weight's factor holds the same B
             return KroneckerFactors([scaled[0] if scaled.shape[0] == 1 else torch.block_diag(*scaled)])
         factors = [b_total[0], a_total[0]] if b_total.shape[0] == 1 else [b_total, a_total]
         if contributions.rules[parts[0][0].module].kronecker_input_first:

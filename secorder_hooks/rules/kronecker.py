@@ -20,6 +20,7 @@ with :math:`a = (x, 1)` when the layer has a trainable bias (the bias coordinate
 from __future__ import annotations
 
 import torch
+from einops import rearrange, reduce
 from torch import Tensor
 
 from secorder_hooks.quantities import WeightSharing
@@ -35,11 +36,11 @@ def input_moment(x: Tensor, bias: bool, sharing: WeightSharing) -> Tensor:
     """
     n, t = x.shape[0], x.shape[2]
     if sharing is WeightSharing.REDUCE:
-        x = x.mean(2, keepdim=True)
+        x = reduce(x, "n g t i -> n g 1 i", "mean")
         t = 1
     if bias:
         x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-    flat = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[-1])  # [G, N T, I]
+    flat = rearrange(x, "n g t i -> g (n t) i")
     out = flat.new_empty(flat.shape[0], flat.shape[-1], flat.shape[-1])
     return torch.baddbmm(out, flat.transpose(1, 2), flat, beta=0, alpha=1.0 / (n * t))
 
@@ -63,7 +64,8 @@ def input_moment_rows(rows: Tensor, bias: bool, sharing: WeightSharing) -> Tenso
     if not bias:
         return torch.baddbmm(flat.new_empty(g, i, i), flat, flat.transpose(1, 2), beta=0, alpha=alpha)
     out = flat.new_empty(g, i + 1, i + 1)
-    torch.baddbmm(out[:, :i, :i], flat, flat.transpose(1, 2), beta=0, alpha=alpha, out=out[:, :i, :i])
+    top = out[:, :i, :i]
+    torch.baddbmm(top, flat, flat.transpose(1, 2), beta=0, alpha=alpha, out=top)
     mean = flat.mean(-1)
     out[:, :i, i] = mean
     out[:, i, :i] = mean
@@ -75,9 +77,9 @@ def output_moment(g: Tensor, weights: Tensor | None, sharing: WeightSharing) -> 
     """``[G, O, O]``: the factor :math:`B` of vectors ``g`` ``[V, N, G, T, O]`` with weights ``[V, N]`` or ``None``."""
     if sharing is WeightSharing.REDUCE:
         g = g.sum(3, keepdim=True)
-    flat = g.permute(2, 0, 1, 3, 4).reshape(g.shape[2], -1, g.shape[-1])  # [G, V N T, O]
+    flat = rearrange(g, "v n g t o -> g (v n t) o")
     if weights is None:
         return torch.bmm(flat.transpose(1, 2), flat)
     t = g.shape[3]
-    w = weights.expand(*g.shape[:2]).reshape(-1).repeat_interleave(t)
+    w = rearrange(weights.expand(*g.shape[:2]), "v n -> (v n)").repeat_interleave(t)
     return torch.bmm((flat * w[None, :, None]).transpose(1, 2), flat)
